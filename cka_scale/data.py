@@ -141,7 +141,7 @@ class ImageDataset(Dataset):
 
 
 def eval_transform(data_config: dict[str, Any], size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's evaluation preprocessing for a model, optionally at another square size.
+    """The evaluation preprocessing of timm for a model, optionally at another square size.
 
     Resize (the shorter side to ``size / crop_pct``, the model's interpolation), centre crop to ``size``, to tensor,
     normalise with the model's mean and std.
@@ -180,7 +180,7 @@ def _texture_crops(split: str, crop: int, per_class: int, seed: int) -> tuple[li
     crops, labels = [], []
     for label, name in enumerate(TEXTURE_CLASSES):
         grey = np.asarray(Image.fromarray(_photo_array(name)).convert("L"))
-        h, w = grey.shape
+        w = grey.shape[1]
         half = grey[:, : w // 2] if halves[split] == 0 else grey[:, w // 2:]
         if min(half.shape) < crop:
             raise ToolkitError(f"texture crop {crop} px is larger than half of {name} ({half.shape[1]} px wide)")
@@ -280,7 +280,7 @@ def _folder(root: Path, split: str, seed: int) -> ImageDataset:
     if chosen_split_dir is None and split in ("train", "test") and files:
         # no split folders: a fixed 80/20 split so that train and test never share an image
         order = np.random.default_rng(seed).permutation(len(files))
-        cut = int(round(0.8 * len(files)))
+        cut = round(0.8 * len(files))
         keep = sorted(order[:cut] if split == "train" else order[cut:])
         files = [files[i] for i in keep]
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
