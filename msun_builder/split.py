@@ -1,0 +1,315 @@
+"""Cut a timm CNN into a shallow and a deep part at a ``feature_info`` tap (the MSUN split, arXiv 2403.18294).
+
+MSUN duplicates the shallow layers of a trained CNN per input-scale group and shares the deep layers. This module
+finds where a given model can be cut, from timm's ``feature_info`` metadata only (never from the model's name):
+
+* the candidate pieces are the model's children, with one level expanded for the container whose name prefixes
+  the tap (``features`` for DenseNet's ``features.denseblock1``, ``blocks`` for EfficientNet's ``blocks.2``),
+  the rule of timm's ``FeatureListNet``;
+* a cut is accepted when a dry forward (eval mode, hooks on the pieces) calls the shallow pieces once each, in
+  registration order and before everything else, no module or parameter is shared with the deep part, and
+  ``deep(shallow(x))`` reproduces ``model(x)`` on a small random input.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cka_scale.errors import ToolkitError
+
+__all__ = ["Tap", "list_taps", "split_model", "splittable_taps"]
+
+_CHECK_SIZES = (64,)  # side of the random check input; the model's own pretrained_cfg size is tried after these
+_RTOL = 1e-4  # equivalence tolerance, relative to the largest reference output (at least 1)
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One ``feature_info`` entry: where a timm model exposes a feature map.
+
+    Attributes:
+        module: Dotted module path, e.g. ``"layer1"`` or ``"features.denseblock2"``.
+        reduction: Total stride of the feature map relative to the input.
+        num_chs: Channels of the feature map.
+    """
+
+    module: str
+    reduction: int
+    num_chs: int
+
+
+def list_taps(model: nn.Module) -> list[Tap]:
+    """The model's ``feature_info`` taps, shallow to deep.
+
+    Args:
+        model: A timm classifier (its ``feature_info`` is a list of dicts) or a ``features_only`` wrapper.
+
+    Returns:
+        One :class:`Tap` per ``feature_info`` entry, in the model's order.
+
+    Raises:
+        ToolkitError: The model has no ``feature_info``.
+    """
+    info = getattr(model, "feature_info", None)
+    info = getattr(info, "info", info)  # timm's FeatureInfo object keeps the dicts in .info
+    if not info:
+        raise ToolkitError(f"{type(model).__name__} has no timm feature_info, so it cannot be split by metadata: "
+                           "use a timm CNN (timm.create_model(...)) or set model.feature_info to a list of "
+                           "dict(module=..., reduction=..., num_chs=...)")
+    return [Tap(str(d["module"]), int(d["reduction"]), int(d["num_chs"])) for d in info]
+
+
+def _pieces(model: nn.Module, cut: str) -> list[tuple[str, nn.Module]]:
+    """The model's children in order, with one level expanded for the container named by ``cut``'s prefix."""
+    head, _, rest = cut.partition(".")
+    top = dict(model.named_children())
+    if head not in top:
+        raise _Refused(f"{head!r} is not a child module of the model (a name only timm's feature wrappers know)")
+    if "." in rest:
+        raise _Refused("nested deeper than one container level below the model, where a cut cannot reach")
+    if rest and rest not in dict(top[head].named_children()):
+        raise _Refused(f"{rest!r} is not a direct child of {head!r}")
+    pieces: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        if rest and name == head:
+            pieces += [(f"{name}.{sub}", grandchild) for sub, grandchild in child.named_children()]
+        else:
+            pieces.append((name, child))
+    return pieces
+
+
+def _shallow_pieces(model: nn.Module, cut: str) -> list[tuple[str, nn.Module]]:
+    pieces = _pieces(model, cut)
+    return pieces[: [name for name, _ in pieces].index(cut) + 1]
+
+
+class _Refused(Exception):
+    """Why a tap cannot be cut (internal; turned into a ToolkitError listing the cuttable taps)."""
+
+
+def _input_channels(model: nn.Module) -> int:
+    """Image channels the model expects: timm's ``in_chans``, else the first convolution's ``in_channels``."""
+    if isinstance(getattr(model, "in_chans", None), int):
+        return model.in_chans
+    for module in model.modules():
+        if isinstance(getattr(module, "in_channels", None), int):
+            return module.in_channels
+    return 3
+
+
+def _check_input(model: nn.Module) -> torch.Tensor:
+    """A small random input on which ``model`` runs (eval mode must already be set)."""
+    cfg_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    sizes = (*_CHECK_SIZES, int(cfg_size))
+    for channels in dict.fromkeys((_input_channels(model), 3)):
+        for size in sizes:
+            x = torch.randn(1, channels, size, size, generator=gen).to(device)
+            try:
+                model(x)
+                return x
+            except RuntimeError:
+                continue
+    raise ToolkitError(f"{type(model).__name__} does not run on a random image batch of side "
+                       f"{', '.join(map(str, sizes))}: split a standard timm CNN classifier")
+
+
+@contextmanager
+def _hollowed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Temporarily replace the named pieces of ``model`` by ``nn.Identity`` (restored on exit)."""
+    saved = []
+    try:
+        for name in names:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            saved.append((parent, leaf, getattr(parent, leaf)))
+            setattr(parent, leaf, nn.Identity())
+        yield
+    finally:
+        for parent, leaf, module in reversed(saved):
+            setattr(parent, leaf, module)
+
+
+@contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _call_order(model: nn.Module, names: set[str], x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """The model's output and the names of the given submodules in the order it calls them (one entry per call)."""
+    events: list[str] = []
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, _a, n=name: events.append(n))
+               for name in names]
+    try:
+        out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return events, out
+
+
+def _shared_with_deep(model: nn.Module, shallow_names: list[str]) -> str | None:
+    """A module or parameter path outside the shallow pieces that is the same object as one inside them."""
+    def inside(path: str) -> bool:
+        return any(path == s or path.startswith(s + ".") for s in shallow_names)
+
+    pieces = [model.get_submodule(name) for name in shallow_names]
+    ids = {id(m) for p in pieces for m in p.modules()} | {id(t) for p in pieces for t in p.parameters()}
+    for path, obj in (*model.named_modules(remove_duplicate=False), *model.named_parameters(remove_duplicate=False)):
+        if path and id(obj) in ids and not inside(path):
+            return path
+    return None
+
+
+def _mismatch(model: nn.Module, shallow: Sequence[str], x: torch.Tensor, reference: torch.Tensor) -> str | None:
+    """None when running the shallow pieces, then the hollowed model, reproduces ``reference``; else why not."""
+    try:
+        out = x
+        for name in shallow:
+            out = model.get_submodule(name)(out)
+        with _hollowed(model, shallow):
+            out = model(out)
+    except RuntimeError as err:
+        return f"deep(shallow(x)) fails: {str(err).splitlines()[0][:120]}"
+    err = float((out - reference).abs().max())
+    if err <= _RTOL * max(1.0, float(reference.abs().max())):
+        return None
+    return f"deep(shallow(x)) differs from model(x) by {err:.3g} (a functional op between children is lost by the cut)"
+
+
+def _diagnose(model: nn.Module, taps: Sequence[Tap], x: torch.Tensor) -> list[str | None]:
+    """For each tap, None when it can be cut, else the reason (model in eval mode, grad off)."""
+    piece_lists: list[list[str] | str] = []
+    for tap in taps:
+        try:
+            piece_lists.append([name for name, _ in _pieces(model, tap.module)])
+        except _Refused as why:
+            piece_lists.append(str(why))
+    watched = {n for p in piece_lists if isinstance(p, list) for n in p}
+    events, reference = _call_order(model, watched, x)
+    if not isinstance(reference, torch.Tensor):
+        raise ToolkitError(f"{type(model).__name__} returns {type(reference).__name__} in eval mode, not a tensor of "
+                           "logits: split a timm CNN classifier")
+    reasons: list[str | None] = []
+    for tap, pieces in zip(taps, piece_lists, strict=True):
+        if isinstance(pieces, str):
+            reasons.append(pieces)
+            continue
+        shallow = pieces[: pieces.index(tap.module) + 1]
+        calls = [e for e in events if e in set(pieces)]
+        counts = {name: calls.count(name) for name in shallow}
+        if any(c != 1 for c in counts.values()):
+            name, count = next((n, c) for n, c in counts.items() if c != 1)
+            reasons.append(f"{name!r} is called {count} times in one forward pass (it must be called once)")
+        elif calls[: len(shallow)] != shallow:
+            reasons.append("the children up to it are not called in registration order: "
+                           f"registered {shallow}, called {calls[: len(shallow)]}")
+        elif (shared := _shared_with_deep(model, shallow)) is not None:
+            reasons.append(f"{shared!r} in the deep part is shared with the shallow part")
+        else:
+            reasons.append(_mismatch(model, shallow, x, reference))
+    return reasons
+
+
+def _tap_reasons(model: nn.Module, taps: Sequence[Tap]) -> list[str | None]:
+    with _eval_no_grad(model):
+        return _diagnose(model, taps, _check_input(model))
+
+
+def splittable_taps(model: nn.Module) -> list[Tap]:
+    """The taps at which :func:`split_model` can cut ``model``.
+
+    Each tap is checked with hooks in one dry forward (the shallow pieces are called once each, in registration
+    order, and share nothing with the deep part) and confirmed numerically: ``deep(shallow(x))`` must equal
+    ``model(x)`` in eval mode on a small random input (relative tolerance 1e-4).
+
+    Args:
+        model: A timm CNN classifier.
+
+    Returns:
+        The cuttable taps, shallow to deep.
+    """
+    taps = list_taps(model)
+    return [tap for tap, why in zip(taps, _tap_reasons(model, taps), strict=True) if why is None]
+
+
+def _choose_tap(model: nn.Module, reduction: int | None, module: str | None) -> Tap:
+    """The tap named by ``module``, or the last tap with ``reduction`` (exactly one of the two)."""
+    if (reduction is None) == (module is None):
+        raise ToolkitError("give exactly one of reduction= (e.g. 8) or module= (a feature_info module name)")
+    taps = list_taps(model)
+    matches = [t for t in taps if (t.module == module if module is not None else t.reduction == reduction)]
+    if not matches:
+        what = f"module {module!r}" if module is not None else f"reduction {reduction}"
+        raise ToolkitError(f"no feature_info tap has {what}. {_valid_taps_hint(model)}")
+    return matches[-1]
+
+
+def _valid_taps_hint(model: nn.Module) -> str:
+    ok = splittable_taps(model)
+    if not ok:
+        return "No tap of this model can be cut (see the reasons above); MSUN needs a plain stage-by-stage CNN."
+    listed = ", ".join(f"{t.module} (reduction {t.reduction})" for t in ok)
+    return f"Taps that can be cut: {listed}; pass one of these reductions or module names."
+
+
+def split_model(model: nn.Module, *, reduction: int | None = None,
+                module: str | None = None) -> tuple[nn.Module, nn.Module]:
+    """Cut ``model`` after one of its ``feature_info`` taps, so that ``deep(shallow(x))`` equals ``model(x)``.
+
+    The pieces are the model's children in registration order, with one level expanded only for the container
+    whose name prefixes the tap (``features`` for ``features.denseblock1``). The model is not modified.
+
+    Args:
+        model: A timm CNN classifier.
+        reduction: Cut after the tap with this total stride. When several taps share it, the LAST of them (the
+            deepest) is taken.
+        module: Cut after the tap with this module name instead. Give exactly one of ``reduction`` and ``module``.
+
+    Returns:
+        ``(shallow, deep)``. ``shallow`` is an ``nn.Sequential`` of deep copies of the pieces up to and including
+        the tap, named as in the model with ``.`` replaced by ``_`` (timm's FeatureListNet convention: ``conv1``,
+        ``blocks_0``). ``deep`` is a deep copy of the whole model with those pieces replaced by ``nn.Identity``,
+        so its own ``forward_features``/``forward_head`` (pooling, dropout, classifier) run untouched.
+
+    Raises:
+        ToolkitError: No tap matches, or the tap cannot be cut (a module used twice, a tap nested too deep,
+            children called out of registration order, a functional op between children that breaks
+            equivalence). The message lists the taps that can be cut.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_resnet").eval()
+        >>> shallow, deep = split_model(model, reduction=8)
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> torch.allclose(deep(shallow(x)), model(x), atol=1e-5)
+        True
+    """
+    tap = _choose_tap(model, reduction, module)
+    why = _tap_reasons(model, [tap])[0]
+    if why is not None:
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+        raise ToolkitError(f"cannot split {arch} at {tap.module!r} (reduction {tap.reduction}): {why}. "
+                           f"{_valid_taps_hint(model)}")
+    pieces = _shallow_pieces(model, tap.module)
+    names = [name for name, _ in pieces]
+    with _hollowed(model, names):
+        deep = copy.deepcopy(model)
+    copies = copy.deepcopy([piece for _, piece in pieces])  # one memo: sharing inside the shallow part is kept
+    shallow = nn.Sequential(OrderedDict((n.replace(".", "_"), piece) for n, piece in zip(names, copies, strict=True)))
+    return shallow, deep
