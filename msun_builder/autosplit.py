@@ -1,0 +1,140 @@
+"""Choose the MSUN split depth from a CKA scale-sensitivity report, and say why in one sentence.
+
+The rule (documented in the README, tested on synthetic reports):
+
+1. **Candidates** are the model's ``feature_info`` taps with ``min_reduction <= reduction <= max_reduction``
+   (default 2..16), except the last tap (something must remain to share). Bounding the stride keeps the search
+   away from the last stage, which is scale-sensitive too: the CKA curve of a CNN is U-shaped (the MSUN authors'
+   ResNet-50: 0.52 / 0.86 / 0.84 / 0.77 / 0.40), so "the first stage above a threshold" alone is not a rule.
+2. **Robustness** v(k) of tap k is its CKA between the smallest scale and the reference (``scale`` picks another),
+   i.e. how similar the tap's output already is across scales in the vanilla model. Cutting at a robust tap means
+   the per-scale subnets hand the unified network features it already treats alike across scales, and every
+   sensitive layer before it (the stem) is duplicated.
+3. **Cost** d(k) = (num_subnets - 1) x params before the cut / all params: the parameters a cut at k duplicates.
+4. **Choice**: among candidates with v(k) >= ``threshold`` (default 0.8), the one with the highest score
+   v(k) - ``param_weight`` x d(k) (ties: the earlier); if no candidate reaches the threshold, the highest score
+   among all candidates.
+
+On the authors' published curves this picks their own choice for ResNet-50 (after layer1, stride 4) and
+MobileNetV2 (stride 16), DenseNet-121 one transition earlier (after denseblock1), and for VGG-16, whose curve never
+passes 0.81, the most robust early stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cka_scale.errors import ToolkitError
+
+__all__ = ["SplitChoice", "auto_split"]
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    """The split ``auto_split`` chose.
+
+    Attributes:
+        module: The tap to cut after (a ``feature_info`` module path).
+        reduction: Its stride; pass it as ``split_reduction``.
+        cka: Its CKA between the compared scale and the reference.
+        reason: One sentence: which layers, which values.
+        candidates: Every candidate with its CKA, duplicated-parameter fraction, score and robustness flag.
+    """
+
+    module: str
+    reduction: int
+    cka: float
+    reason: str
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _load(report: Any) -> dict[str, Any]:
+    if hasattr(report, "to_json"):
+        return report.to_json()
+    if isinstance(report, Mapping):
+        return dict(report)
+    path = Path(os.fspath(report))
+    path = path / "report.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ToolkitError(f"no report at {str(path)!r}: run `cka-scale analyze MODEL --out DIR` and pass DIR")
+    return json.loads(path.read_text())
+
+
+def _tap_value(layers: Sequence[Mapping[str, Any]], tap: str) -> Mapping[str, Any] | None:
+    """The report row of ``tap``: the layer itself, or the last block inside it (same output)."""
+    exact = [row for row in layers if row["name"] == tap]
+    if exact:
+        return exact[0]
+    inside = [row for row in layers if row["name"].startswith(tap + ".")]
+    return inside[-1] if inside else None
+
+
+def auto_split(report: Any, *, threshold: float = 0.8, max_reduction: int = 16, min_reduction: int = 2,
+               param_weight: float = 0.5, num_subnets: int = 3, scale: int | None = None,
+               cuttable: Sequence[str] | None = None) -> SplitChoice:
+    """Pick the split tap from measured per-layer CKA (see the module docstring for the rule).
+
+    Args:
+        report: A :class:`cka_scale.report.Report`, a ``report.json`` dict, or a path to a report folder/file.
+        threshold: CKA a tap must reach to count as scale-robust.
+        max_reduction: Deepest stride considered.
+        min_reduction: Shallowest stride considered.
+        param_weight: Score penalty per unit of duplicated-parameter fraction.
+        num_subnets: Subnets of the MSUN to build (the cost counts num_subnets - 1 copies).
+        scale: The scale compared with the reference; the smallest in the report when None.
+        cuttable: Taps the model can actually be cut at (e.g. ``msun_builder.splittable_taps``); all when None.
+
+    Returns:
+        The choice, its one-sentence reason, and the scored candidates.
+
+    Raises:
+        ToolkitError: The report has no feature_info taps with CKA values in the allowed range.
+    """
+    data = _load(report)
+    scales = [int(s) for s in data["scales"]]
+    reference = int(data["reference"])
+    scale = min(s for s in scales if s != reference) if scale is None else int(scale)
+    if scale not in scales or scale == reference:
+        raise ToolkitError(f"scale {scale} is not a non-reference scale of the report ({scales}, ref {reference})")
+    taps = data.get("feature_info") or [{"module": r["name"], "reduction": r["reduction"]}
+                                        for r in data["layers"] if r.get("tap")]
+    total = data.get("total_params") or 0
+    candidates = []
+    for i, tap in enumerate(taps[:-1]):
+        row = _tap_value(data["layers"], tap["module"])
+        red = int(tap["reduction"])
+        value = None if row is None else row["cka"].get(str(scale))
+        if row is None or value is None or not min_reduction <= red <= max_reduction:
+            continue
+        if cuttable is not None and tap["module"] not in cuttable:
+            continue
+        dup = (num_subnets - 1) * row.get("cum_params", 0) / total if total else 0.0
+        candidates.append({"module": tap["module"], "reduction": red, "cka": float(value), "dup_fraction": dup,
+                           "dup_params": int((num_subnets - 1) * row.get("cum_params", 0)),
+                           "score": float(value) - param_weight * dup, "robust": float(value) >= threshold,
+                           "index": i})
+    if not candidates:
+        raise ToolkitError(f"the report has no feature_info tap with a CKA value at stride {min_reduction}.."
+                           f"{max_reduction}: analyse with --layers stages (or a selection including the taps)")
+    robust = [c for c in candidates if c["robust"]]
+    pool = robust or candidates
+    best = max(pool, key=lambda c: (c["score"], -c["index"]))
+    earlier = [c for c in candidates if c["index"] < best["index"]]
+    earlier_text = ", ".join(f"{c['module']} has {c['cka']:.2f}" for c in earlier)
+    before = f"; the earlier {earlier_text}" if earlier else ""
+    cost = f"duplicating {best['dup_params'] / 1e6:.2f}M parameters ({100 * best['dup_fraction']:.1f}% of the model)"
+    if robust:
+        reason = (f"split after {best['module']} (stride {best['reduction']}): the best robust tap for its cost, "
+                  f"CKA {best['cka']:.2f} between {scale}px and {reference}px >= {threshold:.2f}{before}; {cost}")
+    else:
+        reason = (f"split after {best['module']} (stride {best['reduction']}): no tap up to stride {max_reduction} "
+                  f"reaches CKA {threshold:.2f}, and this one scores best (CKA {best['cka']:.2f} between {scale}px "
+                  f"and {reference}px{before}); {cost}")
+    for c in candidates:
+        c.pop("index")
+    return SplitChoice(best["module"], best["reduction"], best["cka"], reason + ".", candidates)

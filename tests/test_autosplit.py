@@ -1,0 +1,108 @@
+"""auto_split follows its documented rule on synthetic reports built from the MSUN authors' published CKA curves."""
+
+import json
+
+import pytest
+
+from cka_scale import ToolkitError
+from msun_builder.autosplit import auto_split
+
+
+def _report(taps, values, cum_params, total, scales=(32, 224)):
+    """A report.json dict: one layer per tap, CKA at the small scale as given."""
+    layers = [{"name": m, "reduction": r, "tap": True, "cum_params": p,
+               "cka": {str(scales[0]): v, str(scales[-1]): 1.0}, "cka_std": {}}
+              for (m, r), v, p in zip(taps, values, cum_params, strict=True)]
+    return {"format": "cka-scale-report/1", "model": "synthetic", "scales": list(scales), "reference": scales[-1],
+            "total_params": total, "feature_info": [{"module": m, "reduction": r} for m, r in taps], "layers": layers}
+
+
+RESNET50 = _report([("act1", 2), ("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)],
+                   [0.523, 0.858, 0.836, 0.767, 0.395], [9_536, 225_344, 1_444_928, 8_543_296, 23_508_032],
+                   25_557_032)
+
+
+def test_resnet50_curve_gives_the_authors_split_after_layer1():
+    choice = auto_split(RESNET50)
+    assert (choice.module, choice.reduction) == ("layer1", 4)
+    assert "0.86" in choice.reason and "act1 has 0.52" in choice.reason and "32px and 224px" in choice.reason
+    assert choice.reason.count(".") >= 1 and "\n" not in choice.reason
+
+
+def test_mobilenetv2_curve_cuts_at_stride_16():
+    report = _report([("blocks.1", 4), ("blocks.2", 8), ("blocks.4", 16), ("blocks.5", 16), ("blocks.6", 32)],
+                     [0.511, 0.634, 0.874, 0.892, 0.407], [5_000, 20_000, 300_000, 900_000, 2_200_000], 3_504_872)
+    choice = auto_split(report)
+    assert choice.reduction == 16 and choice.module == "blocks.4"  # same CKA class, fewer duplicated parameters
+
+
+def test_vgg_curve_without_a_robust_tap_falls_back_to_the_best_score():
+    report = _report([("features.6", 2), ("features.13", 4), ("features.20", 8), ("features.27", 16),
+                      ("features.28", 32)], [0.683, 0.805, 0.771, 0.680, 0.670],
+                     [40_000, 260_000, 1_700_000, 7_600_000, 14_700_000], 138_000_000)
+    assert auto_split(report).module == "features.13"
+    fallback = auto_split(report, threshold=0.9)
+    assert fallback.module == "features.13" and "no tap up to stride 16 reaches CKA 0.90" in fallback.reason
+
+
+def test_the_last_stage_is_never_chosen_even_when_robust():
+    report = _report([("s1", 4), ("s2", 8), ("s3", 16), ("s4", 32)], [0.5, 0.6, 0.7, 0.99], [1, 2, 3, 4], 10)
+    choice = auto_split(report, max_reduction=32)
+    assert choice.module != "s4"
+
+
+def test_cost_decides_between_robust_taps():
+    taps = [("a", 4), ("b", 8), ("c", 16), ("d", 32)]
+    cheap_deep = _report(taps, [0.81, 0.97, 0.5, 0.4], [10, 20, 30, 100], 100)
+    assert auto_split(cheap_deep).module == "b"  # much more robust, nearly free
+    costly_deep = _report(taps, [0.81, 0.97, 0.5, 0.4], [10, 60, 70, 100], 100)
+    assert auto_split(costly_deep).module == "a"  # 0.97 - 0.5*1.2 < 0.81 - 0.5*0.2
+    assert auto_split(costly_deep, param_weight=0.0).module == "b"
+
+
+def test_bounds_cuttable_scale_and_blocks_level_reports(tmp_path):
+    assert auto_split(RESNET50, max_reduction=2).module == "act1"
+    assert auto_split(RESNET50, cuttable=["layer2", "layer3"]).module == "layer2"
+    blocks = dict(RESNET50)
+    blocks["layers"] = [dict(row, name=row["name"] + ".2", tap=False) if row["name"].startswith("layer") else row
+                        for row in RESNET50["layers"]]
+    assert auto_split(blocks).module == "layer1"  # the last block of a stage stands for the stage
+    (tmp_path / "report.json").write_text(json.dumps(RESNET50))
+    assert auto_split(tmp_path).module == "layer1"
+    three = _report([("a", 4), ("b", 8), ("c", 32)], [0.9, 0.2, 0.1], [1, 2, 3], 10, scales=(32, 64, 224))
+    for row, mid in zip(three["layers"], (0.3, 0.95, 0.5), strict=True):
+        row["cka"]["64"] = mid
+    assert auto_split(three).module == "a" and auto_split(three, scale=64).module == "b"
+
+
+def test_errors_name_the_fix(tmp_path):
+    with pytest.raises(ToolkitError, match="--layers stages"):
+        auto_split(RESNET50, min_reduction=64, max_reduction=128)
+    with pytest.raises(ToolkitError, match="cka-scale analyze"):
+        auto_split(tmp_path / "missing")
+    with pytest.raises(ToolkitError, match="not a non-reference scale"):
+        auto_split(RESNET50, scale=224)
+
+
+def test_densenet121_curve_cuts_after_denseblock1():
+    report = _report([("features.norm0", 2), ("features.denseblock1", 4), ("features.denseblock2", 8),
+                      ("features.denseblock3", 16), ("features.norm5", 32)], [0.664, 0.903, 0.955, 0.871, 0.653],
+                     [9_536, 344_000, 1_260_000, 5_600_000, 6_950_000], 7_978_856)
+    choice = auto_split(report)
+    assert choice.module == "features.denseblock1" and choice.candidates[2]["robust"]
+
+
+def test_create_msun_takes_the_split_from_a_report_and_keeps_weight_provenance(tmp_path):
+    from cka_scale import load_model
+    from msun_builder import create_msun
+
+    taps = [("act1", 2), ("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)]
+    report = _report(taps, [0.4, 0.6, 0.9, 0.7, 0.3], [500, 5_000, 30_000, 200_000, 460_000], 469_688,
+                     scales=(16, 64))
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    loaded = load_model("test_resnet", weights="none")
+    msun = create_msun(loaded, scales=(16, 32, 64), report=tmp_path)
+    assert msun.config["split"] == {"module": "layer2", "reduction": 8, "num_chs": 48}
+    assert msun.config["weights"] == loaded.weights
+    with pytest.raises(ToolkitError, match="exactly one"):
+        create_msun(loaded, scales=(16, 64), report=report, split_reduction=8)
