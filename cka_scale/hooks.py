@@ -1,0 +1,326 @@
+"""Scoped capture of layer outputs: layer selection from timm metadata, and Gram matrices formed inside the hook.
+
+Layer ids are dotted module paths (``layer2``, ``blocks.1.0``), the strings of ``model.named_modules()``.
+Selections (``--layers``):
+
+``stages``  timm's ``feature_info`` taps (one per stage, the default);
+``blocks``  every block inside the stages, from timm's ``group_matcher(coarse=False)`` (the per-block groups timm
+            uses for layer-wise learning rates), plus the stem;
+``all``     every module whose output is a tensor with spatial or token dims (containers included);
+globs       comma-separated patterns on module paths, e.g. ``layer*.0,act1``: ``*`` matches within one dotted
+            part, ``**`` across parts, ``?`` one character.
+
+The capture hook reduces each activation to its n x n Gram matrix as soon as the module returns, so in-place
+operations that run later (timm's ``ReLU(inplace=True)``) cannot change what was measured.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cka_scale.errors import ToolkitError
+from cka_scale.functional import gram
+
+__all__ = ["LayerInfo", "capture_grams", "parse_spatial", "select_layers", "trace_layers"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What one dry forward pass saw of a module.
+
+    Attributes:
+        name: Dotted module path.
+        kind: The module's class name.
+        shape: Output shape without the batch dim (``(C, H, W)`` for a conv map), or ``()`` for non-tensor output.
+        reduction: Input side / output side for maps, e.g. 8 for a stride-8 stage; None otherwise.
+        cum_params: Parameters of every module that has finished running when this one returns.
+        calls: How often the module ran in one forward pass.
+        tap: Whether timm's ``feature_info`` lists it (a stage output).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    reduction: int | None
+    cum_params: int
+    calls: int
+    tap: bool
+
+
+def _tensor_output(output: Any) -> torch.Tensor | None:
+    """The one tensor a module returned, None if it returned none; tuples/lists/dicts with several are ambiguous."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        items = list(output.values())
+    else:
+        items = list(output) if isinstance(output, list | tuple) else []
+    tensors = [t for t in items if isinstance(t, torch.Tensor)]
+    if len(tensors) == 1:
+        return tensors[0]
+    if len(tensors) > 1:
+        raise _AmbiguousOutput(len(tensors))
+    return None
+
+
+class _AmbiguousOutput(Exception):
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
+
+
+def feature_taps(model: nn.Module) -> list[str]:
+    """Module paths of timm's ``feature_info`` stage taps (empty when the model has none)."""
+    info = getattr(model, "feature_info", None) or []
+    return [entry["module"] for entry in info if isinstance(entry, dict) and "module" in entry]
+
+
+@torch.no_grad()
+def trace_layers(model: nn.Module, size: int, *, device: torch.device | str = "cpu") -> list[LayerInfo]:
+    """Run one dry forward pass at ``size`` x ``size`` and describe every module, in the order they return.
+
+    Args:
+        model: The model (put in eval mode for the pass, then restored).
+        size: Input side in pixels.
+        device: Where to run the pass.
+
+    Returns:
+        One :class:`LayerInfo` per module that ran (the root excluded), ordered by when it first returned.
+
+    Raises:
+        ToolkitError: The model cannot run at this input size (e.g. a ViT away from its native size).
+    """
+    names = {module: name for name, module in model.named_modules() if name}
+    seen: dict[str, dict[str, Any]] = {}
+    counted: set[int] = set()
+    total = [0]
+    taps = set(feature_taps(model))
+
+    def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        name = names[module]
+        for p in module.parameters(recurse=False):
+            if id(p) not in counted:
+                counted.add(id(p))
+                total[0] += p.numel()
+        if name in seen:
+            seen[name]["calls"] += 1
+            return
+        try:
+            tensor = _tensor_output(output)
+        except _AmbiguousOutput:
+            tensor = None
+        shape = tuple(tensor.shape[1:]) if tensor is not None else ()
+        reduction = round(size / shape[-1]) if len(shape) == 3 and shape[-1] > 0 else None
+        seen[name] = {"kind": type(module).__name__, "shape": shape, "reduction": reduction, "cum": total[0],
+                      "calls": 1}
+
+    handles = [module.register_forward_hook(hook) for module in names]
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, 3, size, size, device=device)
+        model(x)
+    except Exception as err:
+        raise ToolkitError(
+            f"the model cannot run at input size {size}x{size} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})."
+            " cka-scale needs a CNN that accepts any input size; for a fixed-size model use --resize down-up with "
+            "its native size as the reference, or drop this scale."
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [LayerInfo(name, s["kind"], s["shape"], s["reduction"], s["cum"], s["calls"], name in taps)
+            for name, s in seen.items()]
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """Compile a module-path glob: ``*`` stays inside one dotted part, ``**`` crosses parts."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append(r"[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append(r"[^.]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _block_names(model: nn.Module, order: Sequence[str]) -> list[str]:
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None:
+        raise ToolkitError("--layers blocks needs timm's group_matcher, which this model lacks: use --layers stages, "
+                           "all, or glob patterns")
+    groups = matcher(coarse=False)
+    patterns: list[str] = []
+    for value in groups.values():
+        entries = [value] if isinstance(value, str) else list(value)
+        patterns += [e if isinstance(e, str) else e[0] for e in entries]
+    regexes = [re.compile(p) for p in patterns]
+    found: list[str] = []
+    for name in order:
+        for regex in regexes:
+            match = regex.match(name)
+            if match:
+                block = match.group(0).rstrip(".")
+                if block not in found:
+                    found.append(block)
+                break
+    return found
+
+
+def select_layers(model: nn.Module, spec: str | Sequence[str], infos: Sequence[LayerInfo]) -> list[LayerInfo]:
+    """Choose the layers to measure, in forward order.
+
+    Args:
+        model: The traced model.
+        spec: ``stages``, ``blocks``, ``all``, comma-separated glob patterns, or a list of module paths.
+        infos: From :func:`trace_layers` on the same model.
+
+    Returns:
+        The selected layers; each ran exactly once and returned one tensor with spatial or token dims.
+
+    Raises:
+        ToolkitError: Nothing matched, or an explicitly chosen module runs twice or returns several tensors.
+    """
+    by_name = {info.name: info for info in infos}
+    usable = [i for i in infos if len(i.shape) >= 2 and i.calls == 1 and i.kind != "Identity"]
+    if isinstance(spec, str) and spec in ("all", "stages", "blocks"):
+        if spec == "all":
+            return usable
+        if spec == "stages":
+            names = feature_taps(model)
+            if not names:
+                raise ToolkitError("this model has no timm feature_info stages: use --layers blocks, all or globs")
+        else:
+            names = _block_names(model, [i.name for i in infos])
+        chosen = [by_name[n] for n in names if n in by_name]
+        for info in chosen:
+            _check_measurable(info)
+        if not chosen:
+            raise ToolkitError(f"--layers {spec} selects no module that ran in the forward pass")
+        return sorted(chosen, key=infos.index)
+    patterns = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
+    patterns = [p for p in patterns if p]
+    chosen = []
+    for pattern in patterns:
+        if not any(ch in pattern for ch in "*?"):
+            if pattern not in by_name:
+                raise ToolkitError(f"no module {pattern!r} ran in the forward pass; `cka-scale list-layers MODEL "
+                                   "--layers all` lists the module paths")
+            _check_measurable(by_name[pattern])
+            chosen.append(by_name[pattern])
+        else:
+            regex = _glob(pattern)
+            matched = [i for i in usable if regex.match(i.name)]
+            if not matched:
+                raise ToolkitError(f"no measurable module matches {pattern!r}; `cka-scale list-layers MODEL "
+                                   "--layers all` lists the module paths")
+            chosen += matched
+    unique = {i.name: i for i in chosen}
+    return sorted(unique.values(), key=infos.index)
+
+
+def _check_measurable(info: LayerInfo) -> None:
+    if info.calls != 1:
+        raise ToolkitError(f"module {info.name!r} runs {info.calls} times per forward pass (a shared module), so "
+                           "its output per image is ambiguous: choose the blocks that call it instead")
+    if len(info.shape) < 2:
+        what = "several tensors or none" if not info.shape else f"shape {info.shape}"
+        raise ToolkitError(f"module {info.name!r} does not return one feature map ({what}): choose a child module")
+
+
+def parse_spatial(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-sample feature reduction for ``--spatial flatten|gap|pool:K``.
+
+    ``flatten`` keeps C*H*W values (the paper's choice); ``gap`` averages over space (or tokens) to C values;
+    ``pool:K`` average-pools a map to K x K first (C*K*K values).
+
+    Raises:
+        ToolkitError: An unknown spec or a K below 1.
+    """
+    if spec == "flatten":
+        return lambda t: t.flatten(1)
+    if spec == "gap":
+        return lambda t: t.flatten(2).mean(-1) if t.ndim == 4 else t.mean(1) if t.ndim == 3 else t.flatten(1)
+    match = re.fullmatch(r"pool:(\d+)", spec)
+    if match and int(match.group(1)) >= 1:
+        k = int(match.group(1))
+
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            if t.ndim != 4:
+                raise ToolkitError(f"--spatial pool:{k} needs 4-D feature maps, got shape {tuple(t.shape)}: use gap")
+            return F.adaptive_avg_pool2d(t, k).flatten(1)
+
+        return pool
+    raise ToolkitError(f"unknown --spatial {spec!r}: use flatten, gap or pool:K (K >= 1)")
+
+
+@contextmanager
+def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[torch.Tensor], torch.Tensor],
+                  kernel: str = "linear", threshold: float = 1.0) -> Iterator[Callable[[], torch.Tensor]]:
+    """Hook ``layers`` for the duration of the block; each forward pass leaves one Gram matrix per layer.
+
+    Args:
+        model: The model to hook.
+        layers: Module paths, in the order the Grams are returned.
+        reduce: Turns an activation ``(n, ...)`` into features ``(n, d)`` (see :func:`parse_spatial`).
+        kernel: Kernel name for :func:`cka_scale.functional.gram`.
+        threshold: RBF bandwidth threshold.
+
+    Yields:
+        ``take()``: returns the ``(L, n, n)`` Grams of the last forward pass and clears them.
+
+    Raises:
+        ToolkitError: A layer did not run, or ran twice, during a forward pass.
+    """
+    modules = dict(model.named_modules())
+    grams: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if name in grams:
+                raise ToolkitError(f"layer {name!r} ran twice in one forward pass: choose its callers instead")
+            try:
+                tensor = _tensor_output(output)
+            except _AmbiguousOutput as err:
+                raise ToolkitError(f"layer {name!r} returns {err.count} tensors: choose one of its children") from None
+            if tensor is None:
+                raise ToolkitError(f"layer {name!r} returns no tensor: choose one of its children")
+            with torch.no_grad():  # float32/float64 kept as they are; half precision is upcast by gram()
+                grams[name] = gram(reduce(tensor.detach()), kernel, threshold=threshold)
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(make_hook(name)) for name in layers]
+
+    def take() -> torch.Tensor:
+        missing = [name for name in layers if name not in grams]
+        if missing:
+            raise ToolkitError(f"layer(s) {', '.join(missing[:3])} did not run in the forward pass")
+        stacked = torch.stack([grams[name] for name in layers])
+        grams.clear()
+        return stacked
+
+    try:
+        yield take
+    finally:
+        for handle in handles:
+            handle.remove()
