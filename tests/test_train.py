@@ -1,0 +1,111 @@
+"""Fine-tuning: every method trains a few steps, checkpoints resume exactly after a kill, DDP with 2 processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cka_scale import ToolkitError
+from msun_builder.runs import load_run, load_run_model
+from msun_builder.train import TrainConfig, holdout_split, train
+
+TINY = dict(model="test_resnet", weights="none", scales=(16, 32), data="fashion-mnist-subset", batch_size=16,
+            train_images=64, test_images=32, lr=0.05, warmup_epochs=0.0, device="cpu")
+
+
+@pytest.mark.parametrize("method", ["msun", "vanilla", "mst", "msdnet"])
+def test_each_method_trains_and_saves_a_loadable_model(method, tmp_path):
+    extra = {"split_reduction": 8} if method == "msun" else {}
+    if method == "msdnet":
+        extra = {"holdout_images": 32, "scales": (32,)}
+    row = train(TrainConfig(method=method, epochs=2, **{**TINY, **extra}), tmp_path, progress=False)
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2] and row == rows[-1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    info = load_run(tmp_path)
+    assert info["method"] == method and info["classes"][0] == "T-shirt/top" and info["world_size"] == 1
+    keys = {"msun": {"ce_16", "ce_32", "si_16_32", "si_total"}, "vanilla": {"ce_32"}, "mst": {"ce_16", "ce_32"},
+            "msdnet": {"ce_exit0", "ce_exit3"}}[method]
+    assert keys <= set(row)
+    model = load_run_model(tmp_path / "model", method)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state["model"][key])
+    assert (tmp_path / "metrics.csv").read_text().startswith("epoch,lr,loss")
+
+
+def test_a_few_steps_lower_the_msun_loss(tmp_path):
+    cfg = TrainConfig(method="msun", epochs=4, split_reduction=8, **{**TINY, "train_images": 32, "lr": 0.1})
+    train(cfg, tmp_path, progress=False)
+    losses = [r["loss"] for r in json.loads((tmp_path / "metrics.json").read_text())]
+    assert losses[-1] < losses[0]
+
+
+def _build_cmd(out, epochs):
+    return [sys.executable, "-m", "msun_builder.cli", "build", "test_resnet", "--weights", "none", "--scales", "16,32",
+            "--split-reduction", "8", "--data", "fashion-mnist-subset", "--epochs", str(epochs), "--batch-size", "16",
+            "--train-images", "96", "--test-images", "16", "--device", "cpu", "--quiet", "--out", str(out)]
+
+
+def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(_build_cmd(tmp_path / "full", 3), env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = subprocess.Popen(_build_cmd(tmp_path / "killed", 3), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    stopped_at = torch.load(ckpt, weights_only=True)["epoch"]
+    assert stopped_at < 3, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "model" / "msun.safetensors").exists()
+    resumed = subprocess.run([sys.executable, "-m", "msun_builder.cli", "build", "--resume", str(tmp_path / "killed"),
+                              "--device", "cpu", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "full" / "model" / "msun.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "msun.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    rows_b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+
+
+def test_resume_errors_name_the_fix(tmp_path):
+    with pytest.raises(ToolkitError, match="not a training run"):
+        train(TrainConfig(), tmp_path, resume=True)
+
+
+def test_two_process_ddp_training(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           *_build_cmd(tmp_path, 1)[1:]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = load_run(tmp_path)
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert info["world_size"] == 2 and rows[0]["images"] == 96  # 6 steps of 16 images, 8 per process
+    assert load_run_model(tmp_path / "model", "msun")(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_holdout_split_is_disjoint_and_fixed():
+    train_idx, held = holdout_split(100, 10, seed=3)
+    assert len(held) == 10 and not set(train_idx) & set(held) and len(train_idx) == 90
+    assert holdout_split(100, 10, seed=3) == (train_idx, held)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("method", "fixres", "msun, vanilla, mst, msdnet"), ("scales", (4, 32), ">= 8"), ("optimizer", "lamb", "sgd"),
+    ("scales", (32,), "at least two"), ("epochs", 0, "at least 1"),
+])
+def test_bad_settings(field, value, match):
+    with pytest.raises(ToolkitError, match=match):
+        TrainConfig(**{**TINY, "method": "msun", field: value}).resolved()
