@@ -45,8 +45,8 @@ def main() -> None:
     seconds = 0.0
     if not (run / "model" / "msdnet.safetensors").is_file():
         cmd = [str(BIN / "msun-build"), "--method", "msdnet", "--msdnet-preset", "small", "--scales", "32",
-               "--data", "fashion-mnist", "--batch-size", "64", "--lr", "0.1", "--weight-decay", "1e-4",
-               "--seed", "0", "--quiet", "--out", str(run), *flags]
+               "--data", "fashion-mnist", "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.1",
+               "--weight-decay", "1e-4",               "--seed", "0", "--quiet", "--out", str(run), *flags]
         seconds = _run([str(BIN / "msun-build"), "--resume", str(run), "--quiet"]
                        if (run / "checkpoint.pt").is_file() else cmd)
     finetune = Path(args.finetune or f"bench/out/finetune{'-quick' if args.quick else ''}/fashion-mnist")

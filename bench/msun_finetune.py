@@ -26,10 +26,10 @@ MODEL = "tf_efficientnet_lite0"
 
 # dataset -> (scales, test sizes, training flags shared by the three methods)
 SETTINGS = {
-    "fashion-mnist": ((16, 32, 64), "16:64:8",
-                      ["--train-images", "6000", "--epochs", "2", "--batch-size", "64", "--test-images", "1000"]),
+    "fashion-mnist": ((16, 32, 64), "12:64:4",
+                      ["--train-images", "4000", "--epochs", "2", "--batch-size", "64", "--test-images", "1000"]),
     "textures": ((24, 48, 96), "24:96:12",
-                 ["--epochs", "6", "--batch-size", "32", "--test-images", "320"]),
+                 ["--epochs", "5", "--batch-size", "32", "--test-images", "320"]),
 }
 QUICK = {"fashion-mnist": ["--train-images", "256", "--epochs", "1", "--batch-size", "32", "--test-images", "64"],
          "textures": ["--train-images", "128", "--epochs", "1", "--batch-size", "32", "--test-images", "64"]}
@@ -49,7 +49,7 @@ def _train(method: str, data: str, out: Path, scales: tuple[int, ...], flags: li
     if (out / "checkpoint.pt").is_file():
         return _run([str(BIN / "msun-build"), "--resume", str(out), "--quiet"])
     cmd = [str(BIN / "msun-build"), MODEL, "--method", method, "--data", data, "--scales",
-           ",".join(map(str, scales)), "--optimizer", "sgd", "--lr", "0.02", "--seed", "0", "--quiet", "--out",
+           ",".join(map(str, scales)), "--optimizer", "adamw", "--lr", "0.001", "--seed", "0", "--quiet", "--out",
            str(out), *flags]
     if method == "msun":
         cmd.insert(2, "--auto-split")

@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None, help="fashion-mnist, fashion-mnist-subset, textures, samples or a folder")
     t.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (none: only build)")
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    t.add_argument("--lr", type=float, default=0.02, help="peak learning rate")
-    t.add_argument("--weight-decay", type=float, default=2e-5)
+    t.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="adamw suits fine-tuning; sgd (momentum 0.9) is the paper's from-scratch recipe")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--warmup-epochs", type=float, default=0.5)
     t.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: off)")
     t.add_argument("--seed", type=int, default=0)

@@ -61,7 +61,8 @@ class TrainConfig:
         data: ``--data`` source to train on (its train split) and test on (its test split).
         epochs: Passes over the training images.
         batch_size: Images per step, over all processes.
-        optimizer: ``sgd`` or ``adamw``.
+        optimizer: ``adamw`` (default: fine-tuning pretrained weights on short budgets) or ``sgd`` (the paper's
+            from-scratch recipe: momentum 0.9, lr 0.1 x batch/256, weight decay 2e-5).
         lr: Peak learning rate.
         weight_decay: Applied to weights of rank >= 2 (not to norms and biases).
         momentum: SGD momentum.
@@ -92,9 +93,9 @@ class TrainConfig:
     data: str = "fashion-mnist"
     epochs: int = 1
     batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.02
-    weight_decay: float = 2e-5
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
     momentum: float = 0.9
     warmup_epochs: float = 0.5
     min_lr_ratio: float = 0.01

@@ -16,7 +16,7 @@ from msun_builder.runs import load_run, load_run_model
 from msun_builder.train import TrainConfig, holdout_split, train
 
 TINY = dict(model="test_resnet", weights="none", scales=(16, 32), data="fashion-mnist-subset", batch_size=16,
-            train_images=64, test_images=32, lr=0.05, warmup_epochs=0.0, device="cpu")
+            train_images=64, test_images=32, optimizer="sgd", lr=0.05, warmup_epochs=0.0, device="cpu")
 
 
 @pytest.mark.parametrize("method", ["msun", "vanilla", "mst", "msdnet"])
