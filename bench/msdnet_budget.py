@@ -46,7 +46,7 @@ def main() -> None:
     if not (run / "model" / "msdnet.safetensors").is_file():
         cmd = [str(BIN / "msun-build"), "--method", "msdnet", "--msdnet-preset", "small", "--scales", "32",
                "--data", "fashion-mnist", "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.1",
-               "--weight-decay", "1e-4",               "--seed", "0", "--quiet", "--out", str(run), *flags]
+               "--weight-decay", "1e-4", "--seed", "0", "--quiet", "--out", str(run), *flags]
         seconds = _run([str(BIN / "msun-build"), "--resume", str(run), "--quiet"]
                        if (run / "checkpoint.pt").is_file() else cmd)
     finetune = Path(args.finetune or f"bench/out/finetune{'-quick' if args.quick else ''}/fashion-mnist")
