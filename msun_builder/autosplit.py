@@ -124,17 +124,14 @@ def auto_split(report: Any, *, threshold: float = 0.8, max_reduction: int = 16, 
     robust = [c for c in candidates if c["robust"]]
     pool = robust or candidates
     best = max(pool, key=lambda c: (c["score"], -c["index"]))
-    earlier = [c for c in candidates if c["index"] < best["index"]]
-    earlier_text = ", ".join(f"{c['module']} has {c['cka']:.2f}" for c in earlier)
-    before = f"; the earlier {earlier_text}" if earlier else ""
+    values = ", ".join(f"{c['module']} {c['cka']:.2f}" for c in candidates)
+    measured = f"CKA between {scale}px and {reference}px at the candidate taps: {values}"
     cost = f"duplicating {best['dup_params'] / 1e6:.2f}M parameters ({100 * best['dup_fraction']:.1f}% of the model)"
     if robust:
-        reason = (f"split after {best['module']} (stride {best['reduction']}): the best robust tap for its cost, "
-                  f"CKA {best['cka']:.2f} between {scale}px and {reference}px >= {threshold:.2f}{before}; {cost}")
+        why = f"the most scale-robust tap for its cost (threshold {threshold:.2f})"
     else:
-        reason = (f"split after {best['module']} (stride {best['reduction']}): no tap up to stride {max_reduction} "
-                  f"reaches CKA {threshold:.2f}, and this one scores best (CKA {best['cka']:.2f} between {scale}px "
-                  f"and {reference}px{before}); {cost}")
+        why = f"no tap up to stride {max_reduction} reaches CKA {threshold:.2f}, and this one scores best"
+    reason = f"split after {best['module']} (stride {best['reduction']}): {why}; {measured}; {cost}"
     for c in candidates:
         c.pop("index")
     return SplitChoice(best["module"], best["reduction"], best["cka"], reason + ".", candidates)
