@@ -1,0 +1,199 @@
+"""Kernel Gram matrices for CKA: linear and RBF (Kornblith's median bandwidth), from centred features.
+
+Kornblith, Norouzi, Lee & Hinton 2019, "Similarity of Neural Network Representations Revisited": the RBF bandwidth
+is sigma = threshold * sqrt(median squared distance). Features are centred over the samples before any Gram or
+distance is formed, and Grams are formed in the input dtype on its device (half precision is upcast to float32).
+Kernels are registered by name in :data:`KERNELS`; :mod:`cka_scale.functional` turns Grams into HSIC and CKA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cka_scale.errors import ToolkitError
+
+__all__ = ["KERNELS", "flatten_features", "gram", "gram_linear", "gram_rbf", "list_kernels"]
+
+def flatten_features(x: Tensor) -> Tensor:
+    """Flatten the trailing dimensions of ``x`` per sample: ``(n, ...)`` -> ``(n, d)``; ``(n,)`` -> ``(n, 1)``.
+
+    Args:
+        x: Features with the samples on the first axis, e.g. a conv map ``(n, C, H, W)``.
+
+    Returns:
+        A ``(n, d)`` view (or copy, when the layout needs one) of ``x``.
+
+    Raises:
+        ToolkitError: ``x`` is a 0-dim tensor.
+    """
+    if x.ndim == 0:
+        raise ToolkitError("features must have a sample axis: got a 0-dim tensor, expected (n, ...)")
+    return x.reshape(x.shape[0], -1)
+
+
+def _prepare(x: Tensor, label: str) -> Tensor:
+    """Flatten, upcast half precision and integers to float32, reject complex and non-finite values."""
+    if not isinstance(x, Tensor):
+        raise ToolkitError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise ToolkitError(f"{label} is complex ({x.dtype}): CKA takes real features")
+    x = flatten_features(x)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
+    if x.shape[0] == 0:
+        raise ToolkitError(f"{label} has no samples")
+    if not bool(torch.isfinite(x).all()):
+        raise ToolkitError(f"{label} contains NaN or Inf")
+    return x
+
+
+def _centre(x: Tensor) -> Tensor:
+    """Subtract the sample mean; shifting by the first sample first makes a constant column exactly zero."""
+    x = x - x[:1]
+    return x - x.mean(dim=0, keepdim=True)
+
+
+def _linear_kernel(x: Tensor, threshold: float, label: str) -> Tensor:
+    """Registry entry for ``linear`` (``threshold`` does not apply)."""
+    xc = _centre(_prepare(x, label))
+    return xc @ xc.T
+
+
+def _rbf_kernel(x: Tensor, threshold: float, label: str) -> Tensor:
+    """Registry entry for ``rbf``: Kornblith's median rule on squared distances between centred samples."""
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+        raise ToolkitError(f"the RBF threshold must be a positive number, got {threshold!r}")
+    xc = _centre(_prepare(x, label))
+    d = xc @ xc.T
+    sq = d.diagonal().clone()
+    # -2 g_ij + g_ii + g_jj: the diagonal comes out exactly 0; a rounding residue below 0 is set to 0, as d^2 >= 0.
+    d.mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0)
+    median = _median_of_all(d)
+    if median == 0:  # sigma -> 0 limit: 1 where samples coincide, else 0 (all ones for constant features)
+        return (d == 0).to(d.dtype)
+    return d.mul_(-1.0 / (2.0 * threshold**2 * median)).exp_()
+
+
+@lru_cache(maxsize=2)
+def _upper_index(n: int, device: torch.device) -> Tensor:
+    """Flat indices of the strict upper triangle of an n x n matrix (cached: 16 MiB at n=2048)."""
+    rows, cols = torch.triu_indices(n, n, 1, device=device)
+    return rows * n + cols
+
+
+def _median_of_all(d: Tensor) -> float | Tensor:
+    """Exact median of all n^2 entries of a symmetric, non-negative, zero-diagonal distance matrix.
+
+    The n^2 multiset is n zeros plus each off-diagonal value twice, so position k >= n of the sorted whole is entry
+    (k - n) // 2 of the sorted upper triangle: one selection on n(n-1)/2 values. An even count averages the two middle
+    values (``torch.median`` would return the lower one). When ``d`` requires grad, the median is a 0-dim tensor
+    gathered from the entries that hold the selected values, so the bandwidth's gradient flows through them.
+    """
+    n = d.shape[0]
+    total = n * n
+    wanted = sorted({(total - 1) // 2, total // 2})
+    upper_pos = sorted({(k - n) // 2 for k in wanted if k >= n})
+    values: dict[int, float | Tensor] = {}
+    if upper_pos:
+        index = _upper_index(n, d.device)
+        u = d.detach().reshape(-1).take(index)
+        select = _select_numpy if u.device.type == "cpu" else _select_torch
+        values = dict(zip(upper_pos, select(u, upper_pos), strict=True))
+        if d.requires_grad:
+            flat = d.reshape(-1)
+            values = {j: flat[index[torch.nonzero(u == v)[0, 0]]] for j, v in values.items()}
+    picked = [values[(k - n) // 2] if k >= n else 0.0 for k in wanted]
+    return sum(picked) / len(picked)
+
+
+def _select_numpy(u: Tensor, positions: list[int]) -> list[float]:
+    """Order statistics of a CPU vector: one introselect for all positions."""
+    part = np.partition(u.numpy(), positions)
+    return [float(part[j]) for j in positions]
+
+
+def _select_torch(u: Tensor, positions: list[int]) -> list[float]:
+    """Order statistics at one or two adjacent positions, on any device: one selection plus one masked minimum."""
+    low = torch.kthvalue(u, positions[0] + 1).values
+    out = [float(low)]
+    if len(positions) == 2:  # the next one is a tie with `low`, or the smallest value above it
+        out.append(float(low) if int((u <= low).sum()) > positions[1] else float(u[u > low].min()))
+    return out
+
+
+KERNELS: dict[str, Callable[[Tensor, float, str], Tensor]] = {"linear": _linear_kernel, "rbf": _rbf_kernel}
+"""Kernel name -> implementation, called as ``fn(x, threshold, label)``; ``label`` names ``x`` in error messages."""
+
+
+def list_kernels() -> list[str]:
+    """Names accepted by :func:`gram`, :func:`cka_matrix` and the accumulator, sorted."""
+    return sorted(KERNELS)
+
+
+def _kernel(name: str) -> Callable[[Tensor, float, str], Tensor]:
+    if name not in KERNELS:
+        raise ToolkitError(f"unknown kernel {name!r}: choose one of {', '.join(list_kernels())}")
+    return KERNELS[name]
+
+
+def gram_linear(x: Tensor) -> Tensor:
+    """Linear Gram matrix of centred features, ``Xc Xc^T`` with ``Xc = X - mean(X)`` (so it is double-centred).
+
+    Formed in the input dtype on its device; float16/bfloat16 (and integer) inputs are upcast to float32 first.
+
+    Args:
+        x: Features ``(n, ...)``; trailing dimensions are flattened per sample.
+
+    Returns:
+        The ``(n, n)`` Gram matrix.
+
+    Raises:
+        ToolkitError: ``x`` is empty, complex, or contains NaN or Inf.
+    """
+    return _linear_kernel(x, 1.0, "x")
+
+
+def gram_rbf(x: Tensor, threshold: float = 1.0) -> Tensor:
+    """RBF Gram matrix ``exp(-|x_i - x_j|^2 / (2 sigma^2))`` with Kornblith et al.'s median bandwidth rule.
+
+    ``sigma^2 = threshold^2 * median`` of all n^2 squared distances between centred samples (diagonal zeros included;
+    an even count takes the mean of the two middle values). Formed in the input dtype on its device; float16/bfloat16
+    inputs are upcast to float32. Gradients flow through the bandwidth too. When the median is 0 (more than half of
+    all pairs coincide, e.g. features constant across the batch) the Gram is the sigma -> 0 limit, 1 where two samples
+    coincide and 0 elsewhere: all ones for constant features, whose centred Gram is zero, so their CKA comes out NaN
+    with a :class:`DegenerateCKAWarning` downstream.
+
+    Args:
+        x: Features ``(n, ...)``; trailing dimensions are flattened per sample.
+        threshold: Bandwidth as a fraction of the median distance (Kornblith et al.'s demo uses 0.5).
+
+    Returns:
+        The ``(n, n)`` Gram matrix.
+
+    Raises:
+        ToolkitError: ``x`` is empty, complex or not finite, or ``threshold`` is not positive.
+    """
+    return _rbf_kernel(x, threshold, "x")
+
+
+def gram(x: Tensor, kernel: str = "linear", *, threshold: float = 1.0) -> Tensor:
+    """Gram matrix of ``x`` under a kernel from :data:`KERNELS` (see :func:`list_kernels`).
+
+    Args:
+        x: Features ``(n, ...)``; trailing dimensions are flattened per sample.
+        kernel: ``"linear"`` or ``"rbf"``.
+        threshold: RBF bandwidth threshold (ignored by the linear kernel).
+
+    Returns:
+        The ``(n, n)`` Gram matrix, in the input dtype (float32 for half precision) on its device.
+
+    Raises:
+        ToolkitError: Unknown kernel (the message lists the valid ones) or bad features.
+    """
+    return _kernel(kernel)(x, threshold, "x")
