@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budgets (checks the pipeline, not the method)")
     parser.add_argument("--datasets", default="fashion-mnist,textures")
     parser.add_argument("--out", default="bench/out/finetune")
-    parser.add_argument("--eval-images", type=int, default=None, help="test images per evaluation (default: all)")
+    parser.add_argument("--eval-images", type=int, default=2000, help="test images per evaluation (the first N)")
     args = parser.parse_args()
     root = Path(args.out + ("-quick" if args.quick else ""))
     summary = {}
@@ -70,8 +70,7 @@ def main() -> None:
         flags = QUICK[data] if args.quick else flags
         seconds = {m: _train(m, data, root / data / m, scales, flags) for m in ("vanilla", "mst", "msun")}
         runs = [str(root / data / m) for m in ("vanilla", "mst", "msun")]
-        extra = ["--images", str(args.eval_images or (64 if args.quick else 0))] if (args.quick or
-                                                                                      args.eval_images) else []
+        extra = ["--images", str(64 if args.quick else args.eval_images)]
         for mode in ("paper", "native"):
             _run([str(BIN / "msun-eval"), *runs, "--data", data, "--sizes", sizes, "--out",
                   str(root / data / f"eval-{mode}"), "--quiet", *(["--native"] if mode == "native" else []), *extra])

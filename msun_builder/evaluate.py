@@ -60,12 +60,12 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def _views(model: nn.Module, method: str) -> dict[str, Any]:
-    """Label -> function(x_at_size, size) -> logits, for the rows this run contributes."""
+    """Label -> function(x_at_size, size) -> logits, for the rows this run contributes.
+
+    An MSUN contributes one view per branch; its routed row is the branch its table picks (no second pass).
+    """
     if method == "msun":
-        views = {"msun (routed)": lambda x, s: model.forward_branch(x, model.route(s))[0]}
-        for b in model.scales:
-            views[f"msun branch {b}"] = lambda x, s, b=b: model.forward_branch(x, b)[0]
-        return views
+        return {f"msun branch {b}": lambda x, s, b=b: model.forward_branch(x, b)[0] for b in model.scales}
     if method == "msdnet":
         return {"msdnet (last exit)": lambda x, s: model(x)[-1]}
     return {method: lambda x, s: model(x)}
@@ -107,10 +107,11 @@ def _evaluate_run(run_dir: Path, data: str, sizes: Sequence[int], native: bool, 
                          "flops": flops})
         if method == "msun":
             branch = [r for r in rows if r["size"] == s and r["label"].startswith("msun branch")]
-            routed = f"msun branch {model.route(s)}"
-            best = max(branch, key=lambda r: (r["accuracy"], r["label"] == routed))  # ties: the routed branch
-            rows.append({"run": run_dir.name, "method": method, "label": "msun (best branch)", "size": s,
-                         "accuracy": best["accuracy"], "flops": best["flops"], "branch": best["label"].split()[-1]})
+            routed = next(r for r in branch if r["label"] == f"msun branch {model.route(s)}")
+            best = max(branch, key=lambda r: (r["accuracy"], r is routed))  # ties: the routed branch
+            for label, row in (("msun (routed)", routed), ("msun (best branch)", best)):
+                rows.append({"run": run_dir.name, "method": method, "label": label, "size": s,
+                             "accuracy": row["accuracy"], "flops": row["flops"], "branch": row["label"].split()[-1]})
     extra = _msdnet_tables(run_dir, info, model, data, device, images) if method == "msdnet" else {}
     return rows, extra
 
