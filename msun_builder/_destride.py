@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from msun_builder.split import _eval_no_grad
+
 __all__ = ["SubnetPlan", "apply_plan", "find_steps", "output_side", "plan_subnet"]
 
 
@@ -114,17 +116,6 @@ def find_steps(shallow: nn.Module, size: int, channels: int) -> list[list[str]]:
         for handle in handles:
             handle.remove()
     return list(seen.values())
-
-
-@contextmanager
-def _eval_no_grad(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        module.train(was_training)
 
 
 def apply_plan(shallow: nn.Module, destrided: Sequence[str], pool_kernel_1: Sequence[str] = ()) -> None:
