@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models import group_modules
 from torch import nn
 
 from cka_scale.errors import ToolkitError
@@ -164,26 +165,38 @@ def _glob(pattern: str) -> re.Pattern[str]:
 
 
 def _block_names(model: nn.Module, order: Sequence[str]) -> list[str]:
+    """The blocks of timm's ``group_matcher(coarse=False)`` groups, in forward order.
+
+    timm groups parameters per block for layer-wise learning rates; a group may also hold a stem or merge the last
+    block with the head. Each module whose parameter-owning submodules all belong to one group, and whose parent's
+    do not, is a block (``layer1.0``, ``blocks.6.0``, ``conv_head``, ``features.transition1``); a container with a
+    single parameterised child is named by that child, which has the same output.
+    """
     matcher = getattr(model, "group_matcher", None)
     if matcher is None:
         raise ToolkitError("--layers blocks needs timm's group_matcher, which this model lacks: use --layers stages, "
                            "all, or glob patterns")
-    groups = matcher(coarse=False)
-    patterns: list[str] = []
-    for value in groups.values():
-        entries = [value] if isinstance(value, str) else list(value)
-        patterns += [e if isinstance(e, str) else e[0] for e in entries]
-    regexes = [re.compile(p) for p in patterns]
-    found: list[str] = []
-    for name in order:
-        for regex in regexes:
-            match = regex.match(name)
-            if match:
-                block = match.group(0).rstrip(".")
-                if block not in found:
-                    found.append(block)
-                break
-    return found
+    owners = [name for name, module in model.named_modules() if name and module._parameters]
+    found = set()
+    for members in group_modules(model, matcher(coarse=False)).values():
+        group = set(members)
+        inside = set()
+        for name in order:
+            owned = [o for o in owners if o == name or o.startswith(name + ".")]
+            if owned and group.issuperset(owned):
+                inside.add(name)
+        for name in inside:
+            if name.rpartition(".")[0] in inside:
+                continue  # its parent is a block of this group
+            block = name
+            while True:
+                children = [c for c in inside if c.rpartition(".")[0] == block]
+                if len(children) != 1:
+                    break
+                block = children[0]
+            found.add(block)
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(found, key=rank.__getitem__)
 
 
 def select_layers(model: nn.Module, spec: str | Sequence[str], infos: Sequence[LayerInfo]) -> list[LayerInfo]:
@@ -212,6 +225,8 @@ def select_layers(model: nn.Module, spec: str | Sequence[str], infos: Sequence[L
         else:
             names = _block_names(model, [i.name for i in infos])
         chosen = [by_name[n] for n in names if n in by_name]
+        if spec == "blocks":  # block groups include the classifier: keep the ones with a feature map
+            chosen = [i for i in chosen if i in usable]
         for info in chosen:
             _check_measurable(info)
         if not chosen:

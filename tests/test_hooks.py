@@ -34,7 +34,7 @@ def test_blocks_refine_stages_and_all_refines_blocks(traced):
     stages = select_layers(model, "stages", infos)
     blocks = select_layers(model, "blocks", infos)
     every = select_layers(model, "all", infos)
-    assert len(stages) < len(blocks) < len(every)
+    assert len(stages) <= len(blocks) < len(every)  # test_byobnet has one block per stage
     order = [i.name for i in infos]
     assert [b.name for b in blocks] == sorted((b.name for b in blocks), key=order.index)
     assert all(len(b.shape) == 3 for b in blocks)
