@@ -43,17 +43,23 @@ def _run(cmd: list[str]) -> float:
 
 
 def _train(method: str, data: str, out: Path, scales: tuple[int, ...], flags: list[str]) -> float:
+    """Train one run unless it finished earlier; return its training seconds (the sum over its epochs)."""
     if (out / "model").is_dir() and any((out / "model").iterdir()):
         print(f"{out}: finished earlier, skipped")
-        return 0.0
-    if (out / "checkpoint.pt").is_file():
-        return _run([str(BIN / "msun-build"), "--resume", str(out), "--quiet"])
+    elif (out / "checkpoint.pt").is_file():
+        _run([str(BIN / "msun-build"), "--resume", str(out), "--quiet"])
+    else:
+        _run(_command(method, data, out, scales, flags))
+    return sum(epoch["seconds"] for epoch in json.loads((out / "metrics.json").read_text()))
+
+
+def _command(method: str, data: str, out: Path, scales: tuple[int, ...], flags: list[str]) -> list[str]:
     cmd = [str(BIN / "msun-build"), MODEL, "--method", method, "--data", data, "--scales",
            ",".join(map(str, scales)), "--optimizer", "adamw", "--lr", "0.001", "--seed", "0", "--quiet", "--out",
            str(out), *flags]
     if method == "msun":
         cmd.insert(2, "--auto-split")
-    return _run(cmd)
+    return cmd
 
 
 def main() -> None:
@@ -72,6 +78,11 @@ def main() -> None:
         runs = [str(root / data / m) for m in ("vanilla", "mst", "msun")]
         extra = ["--images", str(64 if args.quick else args.eval_images)]
         for mode in ("paper", "native"):
+            done = root / data / f"eval-{mode}" / "eval.json"
+            newest = max((Path(r) / "metrics.json").stat().st_mtime for r in runs)
+            if done.is_file() and done.stat().st_mtime > newest:
+                print(f"{done.parent}: evaluated after the last training, skipped", flush=True)
+                continue
             _run([str(BIN / "msun-eval"), *runs, "--data", data, "--sizes", sizes, "--out",
                   str(root / data / f"eval-{mode}"), "--quiet", *(["--native"] if mode == "native" else []), *extra])
         split = json.loads((root / data / "msun" / "run.json").read_text()).get("split", {})
@@ -79,7 +90,8 @@ def main() -> None:
     print("\n\n## Results\n")
     for data in summary:
         print(f"### {data}\n\nsplit: {summary[data]['split']}\n")
-        print("training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary[data]["train_seconds"].items()))
+        seconds = ", ".join(f"{k} {v:.0f}" for k, v in summary[data]["train_seconds"].items())
+        print(f"training seconds (sum over epochs): {seconds}")
         for mode in ("paper", "native"):
             print(f"\n#### {mode}\n")
             print((root / data / f"eval-{mode}" / "eval.md").read_text())

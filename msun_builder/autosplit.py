@@ -126,7 +126,9 @@ def auto_split(report: Any, *, threshold: float = 0.8, max_reduction: int = 16, 
     best = max(pool, key=lambda c: (c["score"], -c["index"]))
     values = ", ".join(f"{c['module']} {c['cka']:.2f}" for c in candidates)
     measured = f"CKA between {scale}px and {reference}px at the candidate taps: {values}"
-    cost = f"duplicating {best['dup_params'] / 1e6:.2f}M parameters ({100 * best['dup_fraction']:.1f}% of the model)"
+    n = best["dup_params"]
+    amount = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+    cost = f"duplicating {amount} parameters ({100 * best['dup_fraction']:.1f}% of the model)"
     if robust:
         why = f"the most scale-robust tap for its cost (threshold {threshold:.2f})"
     else:

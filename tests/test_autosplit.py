@@ -27,6 +27,14 @@ def test_resnet50_curve_gives_the_authors_split_after_layer1():
     assert (choice.module, choice.reduction) == ("layer1", 4)
     assert "act1 0.52, layer1 0.86, layer2 0.84, layer3 0.77" in choice.reason and "32px and 224px" in choice.reason
     assert choice.reason.count(".") >= 1 and "\n" not in choice.reason
+    assert "duplicating 0.45M parameters (1.8% of the model)" in choice.reason
+
+
+def test_a_small_duplicate_is_counted_in_thousands_not_as_zero_millions():
+    report = _report([("blocks.0", 2), ("blocks.1", 4), ("blocks.2", 8), ("blocks.6", 32)], [0.99, 0.6, 0.6, 0.5],
+                     [1_824, 12_000, 50_000, 3_000_000], 3_383_818, scales=(16, 32, 64))
+    choice = auto_split(report)
+    assert choice.module == "blocks.0" and "duplicating 3.6k parameters (0.1% of the model)" in choice.reason
 
 
 def test_mobilenetv2_curve_cuts_at_stride_16():
