@@ -162,16 +162,21 @@ def markdown_table(rows: Sequence[dict[str, Any]], *, key: str = "accuracy", sca
     return "\n".join(lines)
 
 
+def _legend(run: str, label: str) -> str:
+    """A legend entry: the label alone when it already starts with the run's name ("msun (routed)")."""
+    return label if label.split(" ")[0] == run else f"{run}: {label}"
+
+
 def _plot(rows: Sequence[dict[str, Any]], stem: Path, native: bool) -> list[Path]:
-    fig = Figure(figsize=(10, 4.2))
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
     acc_ax, flop_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for run, label in dict.fromkeys((r["run"], r["label"]) for r in rows):
         if "branch " in label and "best" not in label:
             continue
         pts = sorted((r["size"], r["accuracy"], r["flops"]) for r in rows if (r["run"], r["label"]) == (run, label))
         style = "--" if "best" in label else "-"
-        acc_ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o", ms=3, label=f"{run}: {label}")
-        flop_ax.plot([p[0] for p in pts], [p[2] / 1e9 for p in pts], style, marker="o", ms=3, label=f"{run}: {label}")
+        acc_ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, marker="o", ms=3, label=_legend(run, label))
+        flop_ax.plot([p[0] for p in pts], [p[2] / 1e9 for p in pts], style, marker="o", ms=3, label=_legend(run, label))
     mode = "native size" if native else "shrunk to size, re-enlarged"
     acc_ax.set(xlabel=f"test size (px, {mode})", ylabel="top-1 accuracy (%)", title="accuracy by test size")
     flop_ax.set(xlabel="test size (px)", ylabel="GFLOPs per image (2 x MACs)", title="cost by test size")
@@ -232,7 +237,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], *, data: str, sizes: Sequence[
         others: dict[str, list[tuple[float, float]]] = {}
         for r in shown:  # every other model as a cost-accuracy curve over the test sizes
             if r["method"] != "msdnet":
-                others.setdefault(f"{r['run']}: {r['label']}", []).append((r["flops"], r["accuracy"]))
+                others.setdefault(_legend(r["run"], r["label"]), []).append((r["flops"], r["accuracy"]))
         plot_budget(extra["budget"], extra["anytime"], folder / f"budget_{name}", title=f"{name}: budgeted batch",
                     extra_curves=others)
     return rows
