@@ -30,11 +30,30 @@ def test_resnet50_curve_gives_the_authors_split_after_layer1():
     assert "duplicating 0.45M parameters (1.8% of the model)" in choice.reason
 
 
+LITE0_TAPS = [("blocks.0", 2), ("blocks.1", 4), ("blocks.2", 8), ("blocks.6", 32)]
+LITE0_PARAMS = [1_824, 12_000, 50_000, 3_000_000]
+
+
 def test_a_small_duplicate_is_counted_in_thousands_not_as_zero_millions():
-    report = _report([("blocks.0", 2), ("blocks.1", 4), ("blocks.2", 8), ("blocks.6", 32)], [0.99, 0.6, 0.6, 0.5],
-                     [1_824, 12_000, 50_000, 3_000_000], 3_383_818, scales=(16, 32, 64))
+    report = _report(LITE0_TAPS, [0.99, 0.6, 0.6, 0.5], LITE0_PARAMS, 3_383_818, scales=(32, 64))
     choice = auto_split(report)
     assert choice.module == "blocks.0" and "duplicating 3.6k parameters (0.1% of the model)" in choice.reason
+
+
+def test_a_tap_too_shallow_for_the_smallest_subnet_to_reach_the_unified_size_is_passed_over():
+    # 16 -> 64 px is a 4x ratio: cut at stride 2, the 16 px subnet ends at half the unified size
+    report = _report(LITE0_TAPS, [0.99, 0.95, 0.9, 0.5], LITE0_PARAMS, 3_383_818, scales=(16, 32, 64))
+    choice = auto_split(report)
+    assert choice.module == "blocks.1" and choice.reduction == 4
+    assert "deep enough for the 16px subnet" in choice.reason and "(blocks.0 would upsample" in choice.reason
+    assert [c["deep_enough"] for c in choice.candidates] == [False, True, True]
+    assert auto_split(report, max_upsample=float("inf")).module == "blocks.0"
+    # too shallow and not robust loses to deep enough and robust even at a higher cost; if no tap is deep
+    # enough (4 -> 224 px), the rule falls back to all candidates
+    assert auto_split(_report(LITE0_TAPS, [0.99, 0.6, 0.85, 0.5], LITE0_PARAMS, 3_383_818,
+                              scales=(16, 64))).module == "blocks.2"
+    far = auto_split(_report(LITE0_TAPS, [0.99, 0.6, 0.6, 0.5], LITE0_PARAMS, 3_383_818, scales=(4, 224)))
+    assert far.module == "blocks.0" and "deep enough" not in far.reason
 
 
 def test_mobilenetv2_curve_cuts_at_stride_16():
