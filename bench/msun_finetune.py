@@ -8,6 +8,7 @@ be rerun after an interruption.
 
     .venv/bin/python bench/msun_finetune.py            # full: about an hour on 2 CPU cores
     .venv/bin/python bench/msun_finetune.py --quick    # minutes: tiny budgets, to check the pipeline
+    .venv/bin/python bench/msun_finetune.py --datasets fashion-mnist --ablation   # + two MSUN variants
 """
 
 from __future__ import annotations
@@ -42,24 +43,34 @@ def _run(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _train(method: str, data: str, out: Path, scales: tuple[int, ...], flags: list[str]) -> float:
+# MSUN variants trained with --ablation: name -> flags replacing --auto-split. "msun-stem" is the stem-only split
+# (stride 2) that --auto-split chose here before its reach rule; "msun-stem-nosi" is that without the SI loss.
+ABLATIONS = {"msun-stem": ["--split-reduction", "2"], "msun-stem-nosi": ["--split-reduction", "2", "--si-weight", "0"]}
+
+
+def _train(name: str, data: str, out: Path, scales: tuple[int, ...], flags: list[str]) -> float:
     """Train one run unless it finished earlier; return its training seconds (the sum over its epochs)."""
     if (out / "model").is_dir() and any((out / "model").iterdir()):
         print(f"{out}: finished earlier, skipped")
     elif (out / "checkpoint.pt").is_file():
         _run([str(BIN / "msun-build"), "--resume", str(out), "--quiet"])
     else:
-        _run(_command(method, data, out, scales, flags))
+        method = "msun" if name.startswith("msun") else name
+        split = ABLATIONS.get(name, ["--auto-split"]) if method == "msun" else []
+        _run([str(BIN / "msun-build"), MODEL, *split, "--method", method, "--data", data, "--scales",
+              ",".join(map(str, scales)), "--optimizer", "adamw", "--lr", "0.001", "--seed", "0", "--quiet",
+              "--out", str(out), *flags])
     return sum(epoch["seconds"] for epoch in json.loads((out / "metrics.json").read_text()))
 
 
-def _command(method: str, data: str, out: Path, scales: tuple[int, ...], flags: list[str]) -> list[str]:
-    cmd = [str(BIN / "msun-build"), MODEL, "--method", method, "--data", data, "--scales",
-           ",".join(map(str, scales)), "--optimizer", "adamw", "--lr", "0.001", "--seed", "0", "--quiet", "--out",
-           str(out), *flags]
-    if method == "msun":
-        cmd.insert(2, "--auto-split")
-    return cmd
+def _evaluate(runs: list[Path], data: str, sizes: str, out: Path, native: bool, images: int) -> None:
+    """``msun-eval`` the runs into ``out`` unless it already holds an evaluation newer than every run."""
+    done = out / "eval.json"
+    if done.is_file() and done.stat().st_mtime > max((r / "metrics.json").stat().st_mtime for r in runs):
+        print(f"{out}: evaluated after the last training, skipped", flush=True)
+        return
+    _run([str(BIN / "msun-eval"), *map(str, runs), "--data", data, "--sizes", sizes, "--out", str(out), "--quiet",
+          *(["--native"] if native else []), "--images", str(images)])
 
 
 def main() -> None:
@@ -68,31 +79,35 @@ def main() -> None:
     parser.add_argument("--datasets", default="fashion-mnist,textures")
     parser.add_argument("--out", default="bench/out/finetune")
     parser.add_argument("--eval-images", type=int, default=2000, help="test images per evaluation (the first N)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also train MSUN with a stem-only split (stride 2), with and without the "
+                             "scale-invariant loss, and compare the three MSUNs (paper protocol)")
     args = parser.parse_args()
     root = Path(args.out + ("-quick" if args.quick else ""))
+    images = 64 if args.quick else args.eval_images
     summary = {}
     for data in args.datasets.split(","):
         scales, sizes, flags = SETTINGS[data]
         flags = QUICK[data] if args.quick else flags
-        seconds = {m: _train(m, data, root / data / m, scales, flags) for m in ("vanilla", "mst", "msun")}
-        runs = [str(root / data / m) for m in ("vanilla", "mst", "msun")]
-        extra = ["--images", str(64 if args.quick else args.eval_images)]
+        names = ["vanilla", "mst", "msun"]
+        seconds = {m: _train(m, data, root / data / m, scales, flags) for m in names}
         for mode in ("paper", "native"):
-            done = root / data / f"eval-{mode}" / "eval.json"
-            newest = max((Path(r) / "metrics.json").stat().st_mtime for r in runs)
-            if done.is_file() and done.stat().st_mtime > newest:
-                print(f"{done.parent}: evaluated after the last training, skipped", flush=True)
-                continue
-            _run([str(BIN / "msun-eval"), *runs, "--data", data, "--sizes", sizes, "--out",
-                  str(root / data / f"eval-{mode}"), "--quiet", *(["--native"] if mode == "native" else []), *extra])
+            _evaluate([root / data / m for m in names], data, sizes, root / data / f"eval-{mode}", mode == "native",
+                      images)
+        modes = ["paper", "native"]
+        if args.ablation:
+            seconds |= {m: _train(m, data, root / data / m, scales, flags) for m in ABLATIONS}
+            _evaluate([root / data / m for m in ("msun", *ABLATIONS)], data, sizes, root / data / "eval-ablation",
+                      False, images)
+            modes.append("ablation")
         split = json.loads((root / data / "msun" / "run.json").read_text()).get("split", {})
-        summary[data] = {"train_seconds": seconds, "split": split.get("reason")}
+        summary[data] = {"train_seconds": seconds, "split": split.get("reason"), "modes": modes}
     print("\n\n## Results\n")
     for data in summary:
         print(f"### {data}\n\nsplit: {summary[data]['split']}\n")
         seconds = ", ".join(f"{k} {v:.0f}" for k, v in summary[data]["train_seconds"].items())
         print(f"training seconds (sum over epochs): {seconds}")
-        for mode in ("paper", "native"):
+        for mode in summary[data]["modes"]:
             print(f"\n#### {mode}\n")
             print((root / data / f"eval-{mode}" / "eval.md").read_text())
 
