@@ -1,5 +1,5 @@
 # One-command set-up: every target below creates .venv (if missing) and installs the toolkit into it first.
-# torch, torchvision and timm are resolved together by one pip call in a fresh venv (see DEVELOPERS.md).
+# torch, torchvision and timm are resolved together by one pip call in a fresh venv (README, Development).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -306,7 +306,7 @@ def main() -> None:
 
 def write_section(path: Path, table: str, machine: str, command: str, peer_names: list[str]) -> None:
     """Replace (or append) this script's section of a Markdown results file, leaving the other sections alone."""
-    from cka_scale.files import atomic_write_text
+    from scale_common.files import atomic_write_text
 
     peers = "\n".join(f"- {name}: {PEERS[name][2]}" for name in peer_names)
     body = (f"{SECTION}\n\nCommand: `{command}`\n\nMachine: {machine}. This 2-core machine is shared with other jobs, "

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cka_scale import functional as F
-from cka_scale.errors import ToolkitError
+from scale_common.errors import ToolkitError
 
 __all__ = ["CKAAccumulator"]
 

@@ -16,113 +16,34 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from cka_scale.accumulate import CKAAccumulator
+from cka_scale.config import AnalyzeConfig
 from cka_scale.data import eval_transform, open_dataset
-from cka_scale.distributed import distributed
-from cka_scale.errors import ToolkitError
-from cka_scale.functional import cka_id, list_kernels
+from cka_scale.functional import cka_id
 from cka_scale.hooks import capture_grams, parse_spatial, select_layers, trace_layers
 from cka_scale.models import load_model
 from cka_scale.report import Report
+from scale_common.distributed import distributed
+from scale_common.errors import ToolkitError
+from scale_common.modules import count_params
+from scale_common.resize import down_up, resize
 
 __all__ = ["AnalyzeConfig", "analyze", "plan_batches", "rescale"]
 
-RESIZE_MODES = ("down-up", "native")
-
-
-@dataclass(frozen=True)
-class AnalyzeConfig:
-    """Everything ``cka-scale analyze`` needs; the CLI fills it from its flags.
-
-    Attributes:
-        model: timm model name (a label when a model object is passed to :func:`analyze`).
-        scales: Input sizes to compare.
-        reference: The scale the others are compared with; the largest when None.
-        resize: ``down-up`` (shrink to s, re-enlarge to the reference: the paper's) or ``native`` (feed s x s).
-        spatial: ``flatten`` (C*H*W, the paper's), ``gap`` or ``pool:K``.
-        kernel: ``linear`` or ``rbf``.
-        threshold: RBF bandwidth as a fraction of the median distance.
-        unbiased: Unbiased HSIC (minibatch CKA) when True, biased HSIC per batch otherwise.
-        images: Images per repeat (a smaller source is used whole).
-        batch_size: Images per forward pass and per HSIC minibatch.
-        repeats: Independent draws of ``images`` images (mean and std over them).
-        seed: Seed of the first draw; repeat r uses ``seed + r``.
-        data: ``samples``, ``textures``, ``fashion-mnist``, ``fashion-mnist-subset`` or a directory.
-        split: Data split to draw from.
-        weights: ``auto``, ``none`` or a state-dict path.
-        layers: ``stages``, ``blocks``, ``all`` or comma-separated globs.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        num_workers: DataLoader worker processes.
-    """
-
-    model: str
-    scales: tuple[int, ...] = (64, 128, 224)
-    reference: int | None = None
-    resize: str = "down-up"
-    spatial: str = "flatten"
-    kernel: str = "linear"
-    threshold: float = 1.0
-    unbiased: bool = True
-    images: int = 256
-    batch_size: int = 64
-    repeats: int = 1
-    seed: int = 0
-    data: str = "samples"
-    split: str = "test"
-    weights: str = "auto"
-    layers: str = "stages"
-    device: str = "auto"
-    num_workers: int = 0
-
-    def resolved(self) -> AnalyzeConfig:
-        """Validate every field and fill the defaults (sorted unique scales, the reference).
-
-        Raises:
-            ToolkitError: A field is out of range; the message names the flag and the fix.
-        """
-        scales = tuple(sorted({int(s) for s in self.scales}))
-        if not scales or any(s <= 0 for s in self.scales):
-            raise ToolkitError(f"--scales must be positive integers, got {list(self.scales)}")
-        if len(scales) < 2:
-            raise ToolkitError(f"--scales needs at least two different sizes to compare, got {list(scales)}")
-        reference = max(scales) if self.reference is None else int(self.reference)
-        if reference not in scales:
-            raise ToolkitError(f"--reference {reference} is not one of --scales {','.join(map(str, scales))}")
-        if self.resize not in RESIZE_MODES:
-            raise ToolkitError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
-        if self.kernel not in list_kernels():
-            raise ToolkitError(f"--kernel must be one of {', '.join(list_kernels())}, got {self.kernel!r}")
-        parse_spatial(self.spatial)
-        min_batch = 4 if self.unbiased else 2
-        for flag, value, low in (("--images", self.images, min_batch), ("--batch-size", self.batch_size, min_batch),
-                                 ("--repeats", self.repeats, 1), ("--num-workers", self.num_workers, 0)):
-            if value < low:
-                why = " (the unbiased HSIC estimator needs 4 samples per batch)" if low == 4 else ""
-                raise ToolkitError(f"{flag} must be at least {low}{why}, got {value}")
-        if self.threshold <= 0:
-            raise ToolkitError(f"--threshold must be positive, got {self.threshold}")
-        return dataclasses.replace(self, scales=scales, reference=reference)
-
-
 def rescale(x: torch.Tensor, size: int, reference: int, mode: str) -> torch.Tensor:
-    """The input at scale ``size``: bilinear (no antialias) to ``size``, then back to ``reference`` in down-up mode."""
-    if size == x.shape[-1] and (mode == "native" or size == reference):
-        return x
-    small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-    if mode == "native":
-        return small
-    return F.interpolate(small, size=(reference, reference), mode="bilinear", align_corners=False, antialias=False)
+    """The input at scale ``size``: :func:`~scale_common.resize.resize` to it, and back to ``reference`` in down-up."""
+    if mode == "native" or size == reference:
+        return resize(x, size)
+    return down_up(x, size, reference)
 
 
 def plan_batches(count: int, batch_size: int, min_batch: int) -> list[list[int]]:
@@ -214,7 +135,7 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
                 runs.append(acc.compute(reshape=True).cpu().numpy())
                 acc.reset()
         bar.close()
-        total_params = sum(p.numel() for p in model.parameters())
+        total_params = count_params(model)
         meta = {
             "data": dataset.description,
             "images": count,

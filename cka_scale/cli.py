@@ -13,9 +13,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cka_scale.errors import ToolkitError, run_cli
+from cka_scale.config import AnalyzeConfig
+from scale_common.cli import add_common, config_from_args, defaults_formatter, parse_scales, positive_int
+from scale_common.errors import ToolkitError, run_cli
 
-__all__ = ["build_parser", "main", "parse_scales"]
+__all__ = ["build_parser", "main"]
 
 EPILOG = """examples:
   cka-scale analyze tf_efficientnet_lite0 --scales 32,64,128,224 --out runs/lite0
@@ -24,32 +26,6 @@ EPILOG = """examples:
   cka-scale list-layers convnext_tiny --layers blocks
   cka-scale compare runs/vanilla runs/msun --labels vanilla,msun --out runs/compare
 """
-
-
-def parse_scales(text: str) -> tuple[int, ...]:
-    """Parse ``--scales 32,128,224`` into integers (argparse type; a bad value becomes a usage error)."""
-    try:
-        scales = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 64,128,224") from None
-    if not scales or any(s <= 0 for s in scales):
-        raise argparse.ArgumentTypeError(f"{text!r}: every scale must be a positive integer (pixels)")
-    return scales
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary table (for scripts)")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,71 +38,67 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser("analyze", help="measure per-layer CKA across input scales",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=defaults_formatter(AnalyzeConfig),
                        description="Feed the same images at every scale, capture the chosen layers, and write "
                                    "report.json, cka.npz and figures to --out.")
     a.add_argument("model", help="timm model name, e.g. tf_efficientnet_lite0 (bundled ImageNet weights) or resnet50")
-    a.add_argument("--scales", type=parse_scales, default=(64, 128, 224), help="input sizes in pixels, comma-separated")
-    a.add_argument("--reference", type=_positive, default=None, help="scale to compare with (default: the largest)")
-    a.add_argument("--resize", choices=("down-up", "native"), default="down-up",
+    a.add_argument("--scales", type=parse_scales, default=None, help="input sizes in pixels, comma-separated")
+    a.add_argument("--reference", type=positive_int, default=None, help="scale to compare with (default: the largest)")
+    a.add_argument("--resize", choices=("down-up", "native"), default=None,
                    help="down-up: shrink to the scale and re-enlarge to the reference (bilinear, the paper's); "
                         "native: feed the scale-sized image")
-    a.add_argument("--spatial", default="flatten", help="flatten (C*H*W), gap (global average pool) or pool:K")
-    a.add_argument("--kernel", default="linear", help="CKA kernel: linear or rbf")
-    a.add_argument("--threshold", type=float, default=1.0, help="RBF bandwidth as a fraction of the median distance")
-    a.add_argument("--unbiased", action=argparse.BooleanOptionalAction, default=True,
-                   help="unbiased HSIC (minibatch CKA); --no-unbiased uses the biased estimator")
-    a.add_argument("--images", type=_positive, default=256, help="images per repeat (all if the source has fewer)")
-    a.add_argument("--batch-size", type=_positive, default=64, help="images per batch (HSIC minibatch)")
-    a.add_argument("--repeats", type=_positive, default=1, help="independent draws of images (mean and std)")
-    a.add_argument("--seed", type=int, default=0, help="seed of the first draw (repeat r uses seed + r)")
-    a.add_argument("--data", default="samples",
+    a.add_argument("--spatial", default=None, help="flatten (C*H*W), gap (global average pool) or pool:K")
+    a.add_argument("--kernel", default=None, help="CKA kernel: linear or rbf")
+    a.add_argument("--threshold", type=float, default=None, help="RBF bandwidth as a fraction of the median distance")
+    a.add_argument("--unbiased", action=argparse.BooleanOptionalAction, default=None,
+                   help="unbiased HSIC (minibatch CKA, the default); --no-unbiased uses the biased estimator")
+    a.add_argument("--images", type=positive_int, default=None, help="images per repeat (all if the source has fewer)")
+    a.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (HSIC minibatch)")
+    a.add_argument("--repeats", type=positive_int, default=None, help="independent draws of images (mean and std)")
+    a.add_argument("--seed", type=int, default=None, help="seed of the first draw (repeat r uses seed + r)")
+    a.add_argument("--data", default=None,
                    help="samples (embedded photos), textures, fashion-mnist, fashion-mnist-subset, or an image folder")
-    a.add_argument("--split", choices=("train", "test", "all"), default="test", help="data split")
-    a.add_argument("--weights", default="auto", help="auto (bundled or hub), none (random) or a state-dict path")
-    a.add_argument("--layers", default="stages",
+    a.add_argument("--split", choices=("train", "test", "all"), default=None, help="data split")
+    a.add_argument("--weights", default=None, help="auto (bundled or hub), none (random) or a state-dict path")
+    a.add_argument("--layers", default=None,
                    help="stages (feature_info), blocks, all, or comma-separated globs on module paths")
-    a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    a.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    a.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes")
     a.add_argument("--out", default=None, help="output folder (default: runs/cka-MODEL-LAYERS)")
     a.add_argument("--json", action="store_true", help="print report.json to stdout (implies --quiet)")
     a.add_argument("--no-plots", action="store_true", help="skip the figures")
-    _add_common(a)
+    add_common(a)
 
     ll = sub.add_parser("list-layers", help="show what each --layers choice selects",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ll.add_argument("model", help="timm model name")
     ll.add_argument("--layers", default=None, help="show this selection in full (default: stages, plus counts)")
-    ll.add_argument("--size", type=_positive, default=224, help="input size for the dry forward pass")
-    _add_common(ll)
+    ll.add_argument("--size", type=positive_int, default=224, help="input size for the dry forward pass")
+    add_common(ll)
 
     pl = sub.add_parser("plot", help="redraw the figures of a saved report")
     pl.add_argument("report", help="folder written by `cka-scale analyze`")
     pl.add_argument("--out", default=None, help="where to write the figures (default: the report folder)")
-    _add_common(pl)
+    add_common(pl)
 
     cp = sub.add_parser("compare", help="overlay the curves of two or more reports (e.g. vanilla vs MSUN)")
     cp.add_argument("reports", nargs="+", help="report folders")
     cp.add_argument("--labels", default=None, help="comma-separated labels (default: the folder names)")
     cp.add_argument("--out", default="runs/compare", help="output folder for compare.{png,svg}")
-    _add_common(cp)
+    add_common(cp)
     return parser
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from cka_scale.analyze import AnalyzeConfig, analyze
+    from cka_scale.analyze import analyze
     from cka_scale.plot import plot_report
 
-    cfg = AnalyzeConfig(model=args.model, scales=args.scales, reference=args.reference, resize=args.resize,
-                        spatial=args.spatial, kernel=args.kernel, threshold=args.threshold, unbiased=args.unbiased,
-                        images=args.images, batch_size=args.batch_size, repeats=args.repeats, seed=args.seed,
-                        data=args.data, split=args.split, weights=args.weights, layers=args.layers,
-                        device=args.device, num_workers=args.num_workers)
+    cfg = config_from_args(AnalyzeConfig, args)
     quiet = args.quiet or args.json
     report = analyze(cfg, progress=not quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes
         return 0
-    out = Path(args.out or f"runs/cka-{args.model}-{args.layers.replace(',', '_').replace('*', 'x')}")
+    out = Path(args.out or f"runs/cka-{cfg.model}-{cfg.layers.replace(',', '_').replace('*', 'x')}")
     if not args.no_plots:
         plot_report(report, out)
     path = report.save(out)

@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
-from cka_scale.errors import ToolkitError
+from scale_common.errors import ToolkitError
 
 __all__ = [
     "DATA_SOURCES",

@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from cka_scale.errors import ToolkitError
 from cka_scale.kernels import KERNELS, _kernel, flatten_features, gram, gram_linear, gram_rbf, list_kernels
+from scale_common.errors import ToolkitError
 
 __all__ = [
     "KERNELS",

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from timm.models import group_modules
 from torch import nn
 
-from cka_scale.errors import ToolkitError
 from cka_scale.functional import gram
+from scale_common.errors import ToolkitError
 
 __all__ = ["LayerInfo", "capture_grams", "parse_spatial", "select_layers", "trace_layers"]
 

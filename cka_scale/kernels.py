@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cka_scale.errors import ToolkitError
+from scale_common.errors import ToolkitError
 
 __all__ = ["KERNELS", "flatten_features", "gram", "gram_linear", "gram_rbf", "list_kernels"]
 

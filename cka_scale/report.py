@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from cka_scale.errors import ToolkitError
-from cka_scale.files import atomic_write_bytes, atomic_write_json
+from scale_common.errors import ToolkitError
+from scale_common.files import atomic_write_bytes, atomic_write_json
 
 __all__ = ["REPORT_FORMAT", "Report", "load_report"]
 

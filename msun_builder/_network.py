@@ -16,10 +16,10 @@ from typing import Any, NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cka_scale.errors import ToolkitError
 from msun_builder._destride import SubnetPlan, apply_plan, find_steps, output_side, plan_subnet
 from msun_builder._routing import check_routing, check_scales, default_routing, route
 from msun_builder.split import _input_channels, split_model
+from scale_common.errors import ToolkitError
 
 __all__ = ["MSUN", "BranchOutputs", "assemble"]
 

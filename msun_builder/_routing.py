@@ -6,7 +6,7 @@ import itertools
 import numbers
 from collections.abc import Sequence
 
-from cka_scale.errors import ToolkitError
+from scale_common.errors import ToolkitError
 
 __all__ = ["check_routing", "check_scales", "default_routing", "route"]
 

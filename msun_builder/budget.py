@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from cka_scale.errors import ToolkitError
+from scale_common.errors import ToolkitError
 
 __all__ = ["anytime_table", "budget_sweep", "budgeted_predict", "exit_proportions", "fit_thresholds", "plot_budget"]
 

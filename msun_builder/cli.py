@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from cka_scale.cli import parse_scales
-from cka_scale.errors import ToolkitError, run_cli
-from cka_scale.files import atomic_write_json
+from scale_common.errors import ToolkitError, run_cli
+from scale_common.files import atomic_write_json
 
 __all__ = ["build_main", "build_parser", "eval_main", "eval_parser"]
 

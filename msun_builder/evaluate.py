@@ -28,14 +28,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from cka_scale.data import open_dataset
-from cka_scale.device import resolve_device
-from cka_scale.errors import ToolkitError
-from cka_scale.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from cka_scale.plot import save_figure
 from msun_builder.flops import count_flops
 from msun_builder.runs import load_run, load_run_model
 from msun_builder.train import holdout_split
 from msun_builder.transforms import down_up, resize, test_transform
+from scale_common.device import resolve_device
+from scale_common.errors import ToolkitError
+from scale_common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["evaluate_runs", "markdown_table", "parse_sizes"]
 

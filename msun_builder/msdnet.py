@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cka_scale.errors import ToolkitError
 from msun_builder.flops import count_flops
+from scale_common.errors import ToolkitError
 
 __all__ = ["MSDNET_PRESETS", "MSDNet", "MSDNetConfig", "create_msdnet", "exit_flops", "list_presets", "msdnet_loss"]
 

@@ -18,13 +18,13 @@ import timm
 import torch
 from torch import nn
 
-from cka_scale.errors import ToolkitError
-from cka_scale.files import atomic_path, atomic_write_json
 from cka_scale.models import LoadedModel, load_model
 from msun_builder._destride import SubnetPlan
 from msun_builder._network import MSUN, BranchOutputs, assemble
 from msun_builder._routing import check_routing, check_scales
 from msun_builder.split import _choose_tap, _input_channels
+from scale_common.errors import ToolkitError
+from scale_common.files import atomic_path, atomic_write_json
 
 __all__ = ["MSUN", "BranchOutputs", "create_msun", "load_msun", "save_msun"]
 

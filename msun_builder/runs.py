@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cka_scale.errors import ToolkitError
-from cka_scale.files import atomic_path, atomic_write_json
+from scale_common.errors import ToolkitError
+from scale_common.files import atomic_path, atomic_write_json
 
 __all__ = ["RUN_FORMAT", "load_run", "load_run_model", "save_run_model", "write_run_json"]
 

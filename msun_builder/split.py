@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cka_scale.errors import ToolkitError
+from scale_common.errors import ToolkitError
 
 __all__ = ["Tap", "list_taps", "split_model", "splittable_taps"]
 

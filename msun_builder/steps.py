@@ -98,7 +98,7 @@ def build_model(cfg: TrainConfig, num_classes: int, *, resumed: bool = False,
         loaded = load_model(cfg.model, weights, num_classes=num_classes)
         reduction = split.get("reduction", cfg.split_reduction)
         if reduction is None:
-            from cka_scale.errors import ToolkitError
+            from scale_common.errors import ToolkitError
 
             raise ToolkitError("--method msun needs --split-reduction R or --auto-split")
         msun = create_msun(loaded, cfg.scales, split_reduction=reduction)

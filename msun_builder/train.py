@@ -39,13 +39,13 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from tqdm.auto import tqdm
 
 from cka_scale.data import open_dataset
-from cka_scale.distributed import DistContext, distributed
-from cka_scale.errors import ToolkitError
-from cka_scale.files import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from msun_builder.losses import SI_KINDS, ScaleInvariantLoss
 from msun_builder.runs import checkpoint_state, load_run, save_run_model, write_run_json
 from msun_builder.steps import METHODS, build_model, make_step
 from msun_builder.transforms import test_transform, train_transform
+from scale_common.distributed import DistContext, distributed
+from scale_common.errors import ToolkitError
+from scale_common.files import atomic_torch_save, atomic_write_bytes, atomic_write_json
 
 __all__ = ["TrainConfig", "holdout_split", "train"]
 

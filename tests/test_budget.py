@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from cka_scale.errors import ToolkitError
 from msun_builder.budget import (
     anytime_table,
     budget_sweep,
@@ -16,6 +15,7 @@ from msun_builder.budget import (
     fit_thresholds,
     plot_budget,
 )
+from scale_common.errors import ToolkitError
 
 K, C = 5, 10
 FLOPS = [7e6, 14e6, 28e6, 42e6, 58e6]  # the shape of the authors' CIFAR-100 budgeted MSDNet

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cka_scale import ToolkitError, eval_transform, open_dataset, resolve_device, sample_photos
 from cka_scale.data import ASSETS, TEXTURE_CLASSES
-from cka_scale.files import atomic_write_text
+from scale_common.files import atomic_write_text
 
 
 def test_every_embedded_photo_has_a_source_and_licence_in_the_notice():

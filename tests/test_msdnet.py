@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cka_scale.errors import ToolkitError
 from msun_builder.flops import model_flops
 from msun_builder.msdnet import (
     MSDNET_PRESETS,
@@ -18,6 +17,7 @@ from msun_builder.msdnet import (
     list_presets,
     msdnet_loss,
 )
+from scale_common.errors import ToolkitError
 
 FAST_PRESETS = {"small": 4, "cifar-anytime": 7, "cifar-budgeted": 5}  # preset -> exits, all at 32 px
 

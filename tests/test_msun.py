@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cka_scale.errors import ToolkitError
 from msun_builder import MSUN, BranchOutputs, create_msun, list_taps, load_msun, save_msun, split_model
+from scale_common.errors import ToolkitError
 
 SCALES = (16, 32, 64)
 # family -> (timm name, constructor kwargs, split reduction); small members, 64 px reference.

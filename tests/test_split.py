@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import nn
 
-from cka_scale.errors import ToolkitError
 from msun_builder import Tap, list_taps, split_model, splittable_taps
+from scale_common.errors import ToolkitError
 
 # One small but real member per family (reduced constructor kwargs where timm has no tiny variant).
 FAST_MODELS = {

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cka_scale.device import resolve_device
+from scale_common.device import resolve_device
 
 __all__ = ["DistContext", "distributed"]
 

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from cka_scale.errors import ToolkitError
+from scale_common.errors import ToolkitError
 
 __all__ = ["resolve_device"]
 
