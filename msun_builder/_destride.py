@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from msun_builder.split import _eval_no_grad
+from scale_common.modules import eval_no_grad
 
 __all__ = ["SubnetPlan", "apply_plan", "find_steps", "output_side", "plan_subnet"]
 
@@ -110,7 +110,7 @@ def find_steps(shallow: nn.Module, size: int, channels: int) -> list[list[str]]:
                     group.append(n)
             handles.append(module.register_forward_pre_hook(hook))
     try:
-        with _eval_no_grad(shallow):
+        with eval_no_grad(shallow):
             shallow(_probe(shallow, size, channels))
     finally:
         for handle in handles:
@@ -145,7 +145,7 @@ def _applied(shallow: nn.Module, destrided: Sequence[str], pool_kernel_1: Sequen
 def output_side(shallow: nn.Module, size: int, channels: int) -> int | None:
     """Side of the output of ``shallow`` on a ``size`` x ``size`` input, or None when the input does not fit."""
     try:
-        with _eval_no_grad(shallow):
+        with eval_no_grad(shallow):
             out = shallow(_probe(shallow, size, channels))
     except RuntimeError:  # a kernel larger than its input, or shapes that no longer match after de-striding
         return None

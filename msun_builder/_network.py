@@ -13,13 +13,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msun_builder._destride import SubnetPlan, apply_plan, find_steps, output_side, plan_subnet
 from msun_builder._routing import check_routing, check_scales, default_routing, route
-from msun_builder.split import _input_channels, split_model
+from msun_builder.split import input_channels, split_model
 from scale_common.errors import ToolkitError
+from scale_common.resize import resize
 
 __all__ = ["MSUN", "BranchOutputs", "assemble"]
 
@@ -34,12 +34,6 @@ class BranchOutputs(NamedTuple):
 
     logits: list[Tensor]
     features: list[Tensor]
-
-
-def _resize(x: Tensor, side: int) -> Tensor:
-    if x.shape[-2] == side and x.shape[-1] == side:
-        return x
-    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=False)
 
 
 class MSUN(nn.Module):
@@ -102,7 +96,7 @@ class MSUN(nn.Module):
         """
         if scale not in self.scales:
             raise ToolkitError(f"no subnet for scale {scale}; this MSUN has scales {list(self.scales)}")
-        features = _resize(self.subnets[str(scale)](_resize(x, scale)), self.unified_size)
+        features = resize(self.subnets[str(scale)](resize(x, scale)), self.unified_size)
         return self.unified(features), features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -147,7 +141,7 @@ def assemble(base: nn.Module, split_module: str, scales: Sequence[int], *,
         ToolkitError: The split cannot be made, or a scale is too small for the shallow part.
     """
     shallow, deep = split_model(base, module=split_module)
-    channels = _input_channels(base)
+    channels = input_channels(base)
     reference = scales[-1]
     if unified_size is None:
         unified_size = output_side(shallow, reference, channels)

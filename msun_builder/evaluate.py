@@ -29,63 +29,34 @@ from tqdm.auto import tqdm
 
 from cka_scale.data import open_dataset
 from cka_scale.plot import save_figure
+from msun_builder.config import EvalConfig, parse_sizes
 from msun_builder.flops import count_flops
-from msun_builder.runs import load_run, load_run_model
-from msun_builder.train import holdout_split
-from msun_builder.transforms import down_up, resize, test_transform
+from msun_builder.methods import get_method
+from msun_builder.runs import RunRecord, holdout_split
+from msun_builder.transforms import test_transform
 from scale_common.device import resolve_device
 from scale_common.errors import ToolkitError
 from scale_common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from scale_common.resize import down_up, resize
 
-__all__ = ["evaluate_runs", "markdown_table", "parse_sizes"]
-
-
-def parse_sizes(text: str) -> list[int]:
-    """``32:224:16`` (start:stop:step, inclusive) or ``32,64,224`` -> sorted sizes.
-
-    Raises:
-        ToolkitError: Malformed, or a size below 8.
-    """
-    try:
-        if ":" in text:
-            start, stop, step = (int(v) for v in text.split(":"))
-            sizes = list(range(start, stop + 1, step))
-        else:
-            sizes = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ToolkitError(f"--sizes {text!r}: use start:stop:step (e.g. 32:224:16) or a list (32,64,224)") from None
-    if not sizes or min(sizes) < 8:
-        raise ToolkitError(f"--sizes {text!r} must give sizes of at least 8 pixels")
-    return sorted(set(sizes))
-
-
-def _views(model: nn.Module, method: str) -> dict[str, Any]:
-    """Label -> function(x_at_size, size) -> logits, for the rows this run contributes.
-
-    An MSUN contributes one view per branch; its routed row is the branch its table picks (no second pass).
-    """
-    if method == "msun":
-        return {f"msun branch {b}": lambda x, s, b=b: model.forward_branch(x, b)[0] for b in model.scales}
-    if method == "msdnet":
-        return {"msdnet (last exit)": lambda x, s: model(x)[-1]}
-    return {method: lambda x, s: model(x)}
+__all__ = ["evaluate_runs", "markdown_table"]
 
 
 @torch.no_grad()
 def _evaluate_run(run_dir: Path, data: str, sizes: Sequence[int], native: bool, batch_size: int,
                   device: torch.device, images: int | None, progress: bool) -> tuple[list[dict[str, Any]], dict]:
-    info = load_run(run_dir)
-    method, cfg = info["method"], info["config"]
-    reference = max(cfg["scales"])
-    model = load_run_model(run_dir / "model", method).to(device).eval()
-    data_config = info.get("data_config") or {}
-    test = open_dataset(data, "test", transform=test_transform(data, reference, data_config))
-    if len(test.classes) != len(info["classes"]):
-        raise ToolkitError(f"{run_dir} was trained on {len(info['classes'])} classes but --data {data} has "
+    record = RunRecord.load(run_dir)
+    method = record.method
+    entry = get_method(method)
+    reference = record.reference
+    model = entry.load(run_dir / "model").to(device).eval()
+    test = open_dataset(data, "test", transform=test_transform(data, reference, record.data_config))
+    if len(test.classes) != len(record.classes):
+        raise ToolkitError(f"{run_dir} was trained on {len(record.classes)} classes but --data {data} has "
                            f"{len(test.classes)}: evaluate on the data it was trained on")
     if images is not None and images < len(test):
         test = Subset(test, list(range(images)))
-    views = _views(model, method)
+    views = entry.views(model)
     correct = {(label, s): 0 for label in views for s in sizes}
     seen = 0
     loader = DataLoader(test, batch_size=batch_size)
@@ -105,14 +76,14 @@ def _evaluate_run(run_dir: Path, data: str, sizes: Sequence[int], native: bool, 
             flops = count_flops(lambda view=view, probe=probe, s=s: view(probe, s))
             rows.append({"run": run_dir.name, "method": method, "label": label, "size": s, "accuracy": acc,
                          "flops": flops})
-        if method == "msun":
+        if hasattr(model, "route"):  # a routed multi-branch model (MSUN): its routed and best-branch rows
             branch = [r for r in rows if r["size"] == s and r["label"].startswith("msun branch")]
             routed = next(r for r in branch if r["label"] == f"msun branch {model.route(s)}")
             best = max(branch, key=lambda r: (r["accuracy"], r is routed))  # ties: the routed branch
             for label, row in (("msun (routed)", routed), ("msun (best branch)", best)):
                 rows.append({"run": run_dir.name, "method": method, "label": label, "size": s,
                              "accuracy": row["accuracy"], "flops": row["flops"], "branch": row["label"].split()[-1]})
-    extra = _msdnet_tables(run_dir, info, model, data, device, images) if method == "msdnet" else {}
+    extra = _msdnet_tables(run_dir, record, model, data, device, images) if record.exit_flops else {}
     return rows, extra
 
 
@@ -124,25 +95,24 @@ def _probs(model: nn.Module, dataset: Any, device: torch.device) -> tuple[np.nda
     return torch.cat(chunks, dim=1).numpy(), torch.cat(labels).numpy()
 
 
-def _msdnet_tables(run_dir: Path, info: dict, model: nn.Module, data: str, device: torch.device,
+def _msdnet_tables(run_dir: Path, record: RunRecord, model: nn.Module, data: str, device: torch.device,
                    images: int | None) -> dict[str, Any]:
     from msun_builder.budget import anytime_table, budget_sweep
 
-    cfg = info["config"]
-    reference = max(cfg["scales"])
-    holdout = int(info.get("holdout_images") or 0)
+    reference = record.reference
+    holdout = record.holdout_images
     if holdout < 10:
         raise ToolkitError(f"{run_dir} holds out no validation images for threshold fitting: train MSDNet with "
                            "--holdout-images N (e.g. 5000)")
-    transform = test_transform(data, reference, info.get("data_config") or {})
+    transform = test_transform(data, reference, record.data_config)
     train = open_dataset(data, "train", transform=transform)
-    _, val_idx = holdout_split(len(train), holdout, cfg["seed"])
+    _, val_idx = holdout_split(len(train), holdout, record.config.seed)
     test = open_dataset(data, "test", transform=transform)
     if images is not None and images < len(test):
         test = Subset(test, list(range(images)))
     val_probs, val_labels = _probs(model, Subset(train, val_idx), device)
     test_probs, test_labels = _probs(model, test, device)
-    flops = info["exit_flops"]
+    flops = record.exit_flops
     return {"anytime": anytime_table(test_probs, test_labels, flops),
             "budget": budget_sweep(val_probs, val_labels, test_probs, test_labels, flops)}
 
@@ -186,9 +156,10 @@ def _plot(rows: Sequence[dict[str, Any]], stem: Path, native: bool) -> list[Path
     return save_figure(fig, stem)
 
 
-def evaluate_runs(run_dirs: Sequence[str | Path], *, data: str, sizes: Sequence[int], out: str | Path,
-                  native: bool = False, batch_size: int = 128, device: str = "auto", images: int | None = None,
-                  progress: bool = True) -> list[dict[str, Any]]:
+def evaluate_runs(run_dirs: Sequence[str | Path], *, data: str, sizes: Sequence[int] | str = EvalConfig.sizes,
+                  out: str | Path = EvalConfig.out, native: bool = EvalConfig.native,
+                  batch_size: int = EvalConfig.batch_size, device: str = EvalConfig.device,
+                  images: int | None = EvalConfig.images, progress: bool = True) -> list[dict[str, Any]]:
     """Evaluate every run at every size and write ``eval.csv``, ``eval.md``, ``eval.json`` and the plot.
 
     Args:
@@ -205,6 +176,8 @@ def evaluate_runs(run_dirs: Sequence[str | Path], *, data: str, sizes: Sequence[
     Returns:
         One row per (run, model view, size): accuracy in [0, 1] and FLOPs per image.
     """
+    if isinstance(sizes, str):
+        sizes = parse_sizes(sizes)
     dev = resolve_device(device)
     rows: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
@@ -236,7 +209,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], *, data: str, sizes: Sequence[
 
         others: dict[str, list[tuple[float, float]]] = {}
         for r in shown:  # every other model as a cost-accuracy curve over the test sizes
-            if r["method"] != "msdnet":
+            if r["run"] != name:
                 others.setdefault(_legend(r["run"], r["label"]), []).append((r["flops"], r["accuracy"]))
         plot_budget(extra["budget"], extra["anytime"], folder / f"budget_{name}", title=f"{name}: budgeted batch",
                     extra_curves=others)

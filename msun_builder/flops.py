@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "model_flops"]
+from scale_common.modules import count_params, eval_no_grad
+
+__all__ = ["count_flops", "format_cost_table", "model_flops", "msun_cost_table"]
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -39,11 +41,43 @@ def model_flops(model: nn.Module | Callable[[torch.Tensor], Any], size: int | tu
     """
     h, w = (size, size) if isinstance(size, int) else size
     x = torch.zeros(1, channels, h, w, device=device)
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
+    if not isinstance(model, nn.Module):
         return count_flops(lambda: model(x))
-    finally:
-        if isinstance(model, nn.Module) and was_training:
-            model.train()
+    with eval_no_grad(model):
+        return count_flops(lambda: model(x))
+
+
+def msun_cost_table(msun: Any, vanilla: nn.Module) -> dict[str, Any]:
+    """Parameters and FLOPs per branch of an MSUN beside the plain model it was built from.
+
+    Args:
+        msun: The MSUN (:class:`msun_builder.MSUN`).
+        vanilla: The plain model, measured at the reference scale.
+
+    Returns:
+        ``params_vanilla``, ``params_msun``, ``flops_vanilla``, ``reference`` and one ``branches`` row per scale
+        (``branch``, ``input``, ``flops``, ``vs_vanilla``).
+    """
+    ref = max(msun.scales)
+    vanilla_flops = model_flops(vanilla, ref)
+    rows = []
+    for s in msun.scales:
+        probe = torch.zeros(1, 3, s, s)
+        flops = count_flops(lambda probe=probe, s=s: msun.forward_branch(probe, s))
+        rows.append({"branch": s, "input": s, "flops": flops, "vs_vanilla": flops / vanilla_flops})
+    return {"params_vanilla": count_params(vanilla), "params_msun": count_params(msun),
+            "flops_vanilla": vanilla_flops, "reference": ref, "branches": rows}
+
+
+def format_cost_table(table: dict[str, Any]) -> str:
+    """The table of :func:`msun_cost_table` as text: parameters, then GFLOPs per branch and vanilla."""
+    extra = table["params_msun"] - table["params_vanilla"]
+    lines = [f"parameters: vanilla {table['params_vanilla'] / 1e6:.3f}M -> MSUN {table['params_msun'] / 1e6:.3f}M "
+             f"(+{extra / 1e6:.3f}M, +{100 * extra / table['params_vanilla']:.1f}%)", "",
+             f"{'model':<16}{'input':>7}{'GFLOPs':>10}{'vs vanilla':>12}"]
+    for r in table["branches"]:
+        lines.append(f"{'MSUN branch ' + str(r['branch']):<16}{r['input']:>7}{r['flops'] / 1e9:>10.4f}"
+                     f"{100 * r['vs_vanilla']:>11.1f}%")
+    lines.append(f"{'vanilla':<16}{table['reference']:>7}{table['flops_vanilla'] / 1e9:>10.4f}{100.0:>11.1f}%")
+    lines.append("(FLOPs = 2 x multiply-accumulates of convolutions and matmuls, by torch.utils.flop_counter)")
+    return "\n".join(lines)

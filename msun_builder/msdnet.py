@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from msun_builder.flops import count_flops
 from scale_common.errors import ToolkitError
+from scale_common.modules import eval_no_grad
 
 __all__ = ["MSDNET_PRESETS", "MSDNet", "MSDNetConfig", "create_msdnet", "exit_flops", "list_presets", "msdnet_loss"]
 
@@ -339,12 +340,8 @@ def exit_flops(model: MSDNet, size: int | tuple[int, int], channels: int = 3) ->
     h, w = (size, size) if isinstance(size, int) else size
     device = next(model.parameters()).device
     x = torch.zeros(1, channels, h, w, device=device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_no_grad(model):
         return [count_flops(lambda k=k: model(x, max_exit=k)) for k in range(model.num_exits)]
-    finally:
-        model.train(was_training)
 
 
 def msdnet_loss(logits: Sequence[Tensor], target: Tensor, weights: Sequence[float] | None = None) -> Tensor:

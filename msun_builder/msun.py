@@ -22,7 +22,7 @@ from cka_scale.models import LoadedModel, load_model
 from msun_builder._destride import SubnetPlan
 from msun_builder._network import MSUN, BranchOutputs, assemble
 from msun_builder._routing import check_routing, check_scales
-from msun_builder.split import _choose_tap, _input_channels
+from msun_builder.split import choose_tap, input_channels
 from scale_common.errors import ToolkitError
 from scale_common.files import atomic_path, atomic_write_json
 
@@ -121,12 +121,12 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
 
         cuttable = [t.module for t in splittable_taps(base)]
         split_reduction = auto_split(report, num_subnets=len(scales), cuttable=cuttable).reduction
-    tap = _choose_tap(base, split_reduction, None)
+    tap = choose_tap(base, split_reduction, None)
     config: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "model": (getattr(base, "pretrained_cfg", None) or {}).get("architecture"),
         "num_classes": getattr(base, "num_classes", None),
-        "in_chans": _input_channels(base),
+        "in_chans": input_channels(base),
         "split": {"module": tap.module, "reduction": tap.reduction, "num_chs": tap.num_chs},
         "weights": provenance,
     }

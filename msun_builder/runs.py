@@ -1,110 +1,180 @@
-"""Run folders: ``run.json`` (what was trained and how) and the final model of every method, saved and loaded.
+"""Run folders: the typed run record (``run.json``) and the checkpoint, each written and read in one place.
 
 Layout of a run written by ``msun-build ... --epochs E --out RUN``::
 
-    RUN/run.json          method, config, classes, scales, weights provenance, split choice, parameter counts
-    RUN/checkpoint.pt     the last finished epoch: model, optimizer, scheduler, scaler, RNG states (for --resume)
-    RUN/metrics.csv|json  one row per epoch
-    RUN/model/            the final model: msun.json + msun.safetensors (MSUN), model.json + model.safetensors
-                          (vanilla and MST: a timm model), or msdnet.json + msdnet.safetensors (MSDNet)
+    RUN/run.json             the RunRecord: method, config, classes, data, weights provenance, split, counts
+    RUN/checkpoint.pt        the last finished epoch: model, optimizer, scheduler, scaler, RNG states (--resume)
+    RUN/checkpoint.prev.pt   the epoch before it, kept so a damaged checkpoint costs one epoch, not the run
+    RUN/metrics.csv|json     one row per epoch
+    RUN/model/               the final model, saved by its method's registry entry (:mod:`msun_builder.methods`)
+
+Reading validates: a missing, truncated, damaged or foreign-version file is one :class:`ToolkitError` naming the
+file and the fix (see :mod:`scale_common.files`).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
+from msun_builder.config import TrainConfig
 from scale_common.errors import ToolkitError
-from scale_common.files import atomic_path, atomic_write_json
+from scale_common.files import atomic_torch_save, atomic_write_json, read_json, read_torch
 
-__all__ = ["RUN_FORMAT", "load_run", "load_run_model", "save_run_model", "write_run_json"]
+__all__ = ["CHECKPOINT_KEYS", "RUN_FORMAT", "RunRecord", "holdout_split", "load_checkpoint", "save_checkpoint"]
 
 RUN_FORMAT = "msun-run/1"
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "rng", "metrics")
+_START_AGAIN = "start the run again without --resume (or with another --out)"
 
 
-def write_run_json(directory: str | os.PathLike[str], info: dict[str, Any]) -> None:
-    """Write ``run.json`` atomically (``format`` added)."""
-    atomic_write_json(Path(directory) / "run.json", {"format": RUN_FORMAT, **info})
+@dataclass
+class RunRecord:
+    """What was trained and how: written once when a run starts, read by resume and by evaluation.
+
+    Attributes:
+        method: The registry name of the method.
+        config: The resolved training config.
+        classes: Class names, in label order.
+        data: Description of the training data.
+        data_config: timm preprocessing config (mean, std, interpolation, crop) the model was trained with.
+        train_images: Training images used.
+        holdout_images: Training images held out as a validation split.
+        world_size: Processes that trained it.
+        architecture: timm model name or MSDNet preset.
+        weights: Where the starting weights came from.
+        params: Parameters of the trained model.
+        vanilla_params: Parameters of the plain model an MSUN was built from.
+        flops_reference: FLOPs per image of a plain model at the reference size.
+        exit_flops: Cumulative FLOPs per image of each MSDNet exit.
+        split: The MSUN split: module, reduction and, when chosen automatically, the reason and candidates.
+        build: The MSUN cost table printed when it was built (parameters, FLOPs per branch).
+    """
+
+    method: str
+    config: TrainConfig
+    classes: list[str]
+    data: str
+    data_config: dict[str, Any]
+    train_images: int
+    holdout_images: int = 0
+    world_size: int = 1
+    architecture: str = ""
+    weights: str = ""
+    params: int = 0
+    vanilla_params: int | None = None
+    flops_reference: int | None = None
+    exit_flops: list[int] | None = None
+    split: dict[str, Any] | None = None
+    build: dict[str, Any] | None = field(default=None)
+
+    @property
+    def reference(self) -> int:
+        """The largest training scale."""
+        return max(self.config.scales)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written to ``run.json``."""
+        out: dict[str, Any] = {"format": RUN_FORMAT}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "config":
+                value = value.to_json()
+            elif f.name == "data_config":
+                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], path: str | os.PathLike[str] = "run.json") -> RunRecord:
+        """Rebuild a record from ``run.json`` contents, checking every field.
+
+        Raises:
+            ToolkitError: A field is missing, unknown or of the wrong type; the message names the file.
+        """
+        fix = "it was not written by this version of msun-build; train the run again"
+        names = {f.name for f in dataclasses.fields(cls)}
+        body = {k: v for k, v in obj.items() if k != "format"}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in body and f.default is dataclasses.MISSING]
+        unknown = sorted(set(body) - names)
+        if missing or unknown:
+            detail = "; ".join(p for p in (f"missing {', '.join(missing)}" if missing else "",
+                                           f"unknown {', '.join(unknown)}" if unknown else "") if p)
+            raise ToolkitError(f"{str(path)!r} is not a readable run record ({detail}): {fix}")
+        try:
+            body["config"] = TrainConfig.from_json(dict(body["config"]))
+            record = cls(**body)
+            if not (isinstance(record.classes, list) and all(isinstance(c, str) for c in record.classes)):
+                raise TypeError("classes must be a list of names")
+            if not isinstance(record.method, str) or not isinstance(record.data_config, dict):
+                raise TypeError("method must be a name and data_config an object")
+        except (TypeError, ValueError, ToolkitError) as err:
+            raise ToolkitError(f"{str(path)!r} is not a readable run record ({err}): {fix}") from None
+        return record
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``run.json`` into ``directory`` atomically and return its path."""
+        path = Path(directory) / "run.json"
+        atomic_write_json(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> RunRecord:
+        """Read and validate ``run.json`` of a run folder.
+
+        Raises:
+            ToolkitError: No run there, or its record is damaged or from another version.
+        """
+        path = Path(directory) / "run.json"
+        if not path.is_file():
+            raise ToolkitError(f"{str(directory)!r} is not a training run (no run.json): train one with "
+                               "`msun-build MODEL --data DATA --epochs E --out DIR`")
+        obj = read_json(path, what="run record", fix="train the run again", format=RUN_FORMAT)
+        return cls.from_json(obj, path)
 
 
-def load_run(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``run.json`` of a run folder.
+def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike[str]) -> Path:
+    """Write ``checkpoint.pt`` atomically, keeping the one it replaces as ``checkpoint.prev.pt``.
+
+    Args:
+        state: A dict with :data:`CHECKPOINT_KEYS`.
+        directory: The run folder.
+
+    Returns:
+        The checkpoint's path.
+    """
+    folder = Path(directory)
+    path = folder / "checkpoint.pt"
+    if path.is_file():
+        os.replace(path, folder / "checkpoint.prev.pt")
+    atomic_torch_save(state, path)
+    return path
+
+
+def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``checkpoint.pt`` of a run folder (tensors and plain containers only).
 
     Raises:
-        ToolkitError: The folder is not a run written by ``msun-build ... --epochs``.
+        ToolkitError: Missing, truncated or damaged; the message says how to fall back to the previous
+            checkpoint when one is kept, or to start again.
     """
-    path = Path(directory) / "run.json"
+    folder = Path(directory)
+    path = folder / "checkpoint.pt"
     if not path.is_file():
-        raise ToolkitError(f"{str(directory)!r} is not a training run (no run.json): train one with "
-                           "`msun-build MODEL --data DATA --epochs E --out DIR`")
-    info = json.loads(path.read_text())
-    if info.get("format") != RUN_FORMAT:
-        raise ToolkitError(f"{str(path)!r} is not a {RUN_FORMAT} file")
-    return info
+        raise ToolkitError(f"{str(folder)!r} has no checkpoint.pt yet: {_START_AGAIN}")
+    prev = folder / "checkpoint.prev.pt"
+    fix = (f"resume from the previous epoch's checkpoint with `mv {prev} {path}` and `msun-build --resume "
+           f"{folder}`, or {_START_AGAIN}") if prev.is_file() else _START_AGAIN
+    return read_torch(path, what="training checkpoint", fix=fix, keys=CHECKPOINT_KEYS)
 
 
-def _save_safetensors(model: nn.Module, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+def holdout_split(count: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``range(count)`` into (train, held-out) index lists, fixed by ``seed``."""
+    import torch
 
-
-def save_run_model(model: nn.Module, method: str, directory: str | os.PathLike[str], *,
-                   architecture: str | None = None) -> Path:
-    """Save the trained model of ``method`` into ``directory`` (weights, then the JSON that describes them)."""
-    from msun_builder.msun import save_msun
-
-    folder = Path(directory)
-    if method == "msun":
-        return save_msun(model, folder)
-    if method == "msdnet":
-        _save_safetensors(model, folder / "msdnet.safetensors")
-        atomic_write_json(folder / "msdnet.json", {"format": "msdnet/1", "config": asdict(model.config)})
-        return folder
-    arch = architecture or getattr(model, "pretrained_cfg", {}).get("architecture")
-    if not arch:
-        raise ToolkitError("cannot save a non-timm model by name")
-    _save_safetensors(model, folder / "model.safetensors")
-    atomic_write_json(folder / "model.json", {"format": "timm-model/1", "architecture": arch,
-                                              "num_classes": int(model.num_classes)})
-    return folder
-
-
-def load_run_model(directory: str | os.PathLike[str], method: str) -> nn.Module:
-    """Rebuild and load the model saved by :func:`save_run_model` (eval mode, CPU)."""
-    folder = Path(directory)
-    try:
-        if method == "msun":
-            from msun_builder.msun import load_msun
-
-            return load_msun(folder).eval()
-        if method == "msdnet":
-            from msun_builder.msdnet import MSDNet, MSDNetConfig
-
-            cfg = json.loads((folder / "msdnet.json").read_text())["config"]
-            model: nn.Module = MSDNet(MSDNetConfig(**cfg))
-            model.load_state_dict(load_file(str(folder / "msdnet.safetensors")))
-            return model.eval()
-        import timm
-
-        meta = json.loads((folder / "model.json").read_text())
-        model = timm.create_model(meta["architecture"], pretrained=False, num_classes=meta["num_classes"])
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return model.eval()
-    except FileNotFoundError as err:
-        raise ToolkitError(f"the run's model is incomplete ({err.filename} is missing): the run did not finish; "
-                           "continue it with `msun-build --resume RUN`") from None
-    except RuntimeError as err:
-        raise ToolkitError(f"the saved model in {str(folder)!r} does not match its description: "
-                           f"{str(err).splitlines()[0][:200]}") from None
-
-
-def checkpoint_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load ``checkpoint.pt`` (tensors and plain containers only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(10_007 + seed)).tolist()
+    return sorted(order[holdout:]), sorted(order[:holdout])

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from scale_common.errors import ToolkitError
+from scale_common.modules import eval_no_grad
 
 __all__ = ["Tap", "list_taps", "split_model", "splittable_taps"]
 
@@ -94,7 +95,7 @@ class _Refused(Exception):
     """Why a tap cannot be cut (internal; turned into a ToolkitError listing the cuttable taps)."""
 
 
-def _input_channels(model: nn.Module) -> int:
+def input_channels(model: nn.Module) -> int:
     """Image channels the model expects: timm's ``in_chans``, else the first convolution's ``in_channels``."""
     if isinstance(getattr(model, "in_chans", None), int):
         return model.in_chans
@@ -111,7 +112,7 @@ def _check_input(model: nn.Module) -> torch.Tensor:
     device = param.device if param is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     sizes = (*_CHECK_SIZES, int(cfg_size))
-    for channels in dict.fromkeys((_input_channels(model), 3)):
+    for channels in dict.fromkeys((input_channels(model), 3)):
         for size in sizes:
             x = torch.randn(1, channels, size, size, generator=gen).to(device)
             try:
@@ -137,17 +138,6 @@ def _hollowed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
     finally:
         for parent, leaf, module in reversed(saved):
             setattr(parent, leaf, module)
-
-
-@contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def _call_order(model: nn.Module, names: set[str], x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
@@ -227,7 +217,7 @@ def _diagnose(model: nn.Module, taps: Sequence[Tap], x: torch.Tensor) -> list[st
 
 
 def _tap_reasons(model: nn.Module, taps: Sequence[Tap]) -> list[str | None]:
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         return _diagnose(model, taps, _check_input(model))
 
 
@@ -248,7 +238,7 @@ def splittable_taps(model: nn.Module) -> list[Tap]:
     return [tap for tap, why in zip(taps, _tap_reasons(model, taps), strict=True) if why is None]
 
 
-def _choose_tap(model: nn.Module, reduction: int | None, module: str | None) -> Tap:
+def choose_tap(model: nn.Module, reduction: int | None, module: str | None) -> Tap:
     """The tap named by ``module``, or the last tap with ``reduction`` (exactly one of the two)."""
     if (reduction is None) == (module is None):
         raise ToolkitError("give exactly one of reduction= (e.g. 8) or module= (a feature_info module name)")
@@ -300,7 +290,7 @@ def split_model(model: nn.Module, *, reduction: int | None = None,
         >>> torch.allclose(deep(shallow(x)), model(x), atol=1e-5)
         True
     """
-    tap = _choose_tap(model, reduction, module)
+    tap = choose_tap(model, reduction, module)
     why = _tap_reasons(model, [tap])[0]
     if why is not None:
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)

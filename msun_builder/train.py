@@ -1,20 +1,16 @@
-"""Fine-tune an MSUN, or a baseline with the same recipe: vanilla, multi-scale training (MST), or MSDNet.
+"""The training loop, given a built model: MSUN or a baseline with the same recipe (vanilla, MST, MSDNet).
 
-One recipe for every method, so comparisons are fair (MSUN paper, arXiv 2403.18294, section 2 of the spec):
-SGD (momentum 0.9) or AdamW, linear warm-up then cosine decay to 1% of the peak rate, gradient-norm clipping,
-seeds, AMP on CUDA, DistributedDataParallel under ``torchrun`` (gloo on the CPU). Each batch is one augmented crop
-at the reference scale; every smaller scale is that crop resized (bilinear).
+One recipe for every method, so comparisons are fair (MSUN paper, arXiv 2403.18294; the recipe follows the
+authors' training script): SGD (momentum 0.9) or AdamW, linear warm-up then cosine decay to 1% of the peak rate,
+gradient-norm clipping, seeds, AMP on CUDA, DistributedDataParallel under ``torchrun`` (gloo on the CPU). Each
+batch is one augmented crop at the reference scale; every smaller scale is that crop resized (bilinear).
 
-* ``msun``: every subnet on its own resized copy, the unified net after each; loss = sum of the branches'
-  cross-entropies + the scale-invariant constraint (:class:`~msun_builder.losses.ScaleInvariantLoss`).
-* ``vanilla``: the plain model at the reference scale only.
-* ``mst``: the plain model on the crop and on the crop shrunk to each smaller scale and re-enlarged; loss = sum.
-* ``msdnet``: an MSDNet preset at the reference scale; loss = sum of the exits' cross-entropies.
-
-A checkpoint holding everything needed to continue (model, optimizer, scheduler, scaler, RNG states, epoch,
-metrics) is written atomically after every epoch; :func:`train` with ``resume=True`` continues a killed run and
-ends where an uninterrupted run would: each epoch re-seeds every RNG from (seed, epoch) and its data order comes
-from a generator seeded the same way.
+What differs between methods (the step module, the loss, how the model is saved) comes from the method's registry
+entry (:mod:`msun_builder.methods`); this module never names a method. :func:`train` starts a run from a model the
+caller built (the command line builds it once, choosing the MSUN split on the way); :func:`resume` rebuilds the
+same architecture from the run record and continues from the last checkpoint. Both go through one loop, and a
+resumed run ends where an uninterrupted one would: each epoch re-seeds every RNG from (seed, epoch) and its data
+order comes from a generator seeded the same way.
 """
 
 from __future__ import annotations
@@ -22,163 +18,48 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from tqdm.auto import tqdm
 
 from cka_scale.data import open_dataset
-from msun_builder.losses import SI_KINDS, ScaleInvariantLoss
-from msun_builder.runs import checkpoint_state, load_run, save_run_model, write_run_json
-from msun_builder.steps import METHODS, build_model, make_step
+from msun_builder.config import TrainConfig
+from msun_builder.methods import Built, check_method
+from msun_builder.runs import RunRecord, holdout_split, load_checkpoint, save_checkpoint
 from msun_builder.transforms import test_transform, train_transform
 from scale_common.distributed import DistContext, distributed
 from scale_common.errors import ToolkitError
-from scale_common.files import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from scale_common.files import atomic_write_bytes, atomic_write_json
+from scale_common.seeds import rng_state, seed_everything, set_rng_state
 
-__all__ = ["TrainConfig", "holdout_split", "train"]
+__all__ = ["build_model", "resume", "train"]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs; stored in ``run.json`` so a run can be resumed and evaluated.
+def build_model(cfg: TrainConfig, num_classes: int, *, base: Any = None, resumed: bool = False) -> Built:
+    """Build the model ``cfg`` trains, seeded so a random initialisation follows ``cfg.seed``.
 
-    Attributes:
-        model: timm model name (for ``msdnet``: ignored; the preset decides).
-        method: ``msun``, ``vanilla``, ``mst`` or ``msdnet``.
-        scales: Input sizes; the largest is the reference (the only one for vanilla and msdnet).
-        data: ``--data`` source to train on (its train split) and test on (its test split).
-        epochs: Passes over the training images.
-        batch_size: Images per step, over all processes.
-        optimizer: ``adamw`` (default: fine-tuning pretrained weights on short budgets) or ``sgd`` (the paper's
-            from-scratch recipe: momentum 0.9, lr 0.1 x batch/256, weight decay 2e-5).
-        lr: Peak learning rate.
-        weight_decay: Applied to weights of rank >= 2 (not to norms and biases).
-        momentum: SGD momentum.
-        warmup_epochs: Linear warm-up from 1% of ``lr`` (may be fractional).
-        min_lr_ratio: Final learning rate as a fraction of ``lr`` (cosine decay).
-        clip_grad: Gradient-norm clipping (None: off).
-        seed: Seeds the data order, augmentation and initialisation.
-        weights: ``auto``, ``none`` or a state-dict path (the starting weights).
-        split_reduction: MSUN cut, a ``feature_info`` stride; see :func:`msun_builder.create_msun`.
-        si_weight: lambda of the scale-invariant constraint.
-        si_tau: Truncation of each constraint term.
-        si_pairs: ``all`` or ``reference``.
-        si_detach_reference: Stop gradients into the reference branch in the constraint.
-        si_kind: ``mse``, ``cosine`` or ``cka``.
-        label_smoothing: Cross-entropy label smoothing.
-        amp: ``auto`` (on with CUDA), ``on`` or ``off``.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        num_workers: DataLoader worker processes.
-        train_images: Use this many training images (a fixed random subset); all when None.
-        test_images: Images of the test split evaluated after every epoch; all when None.
-        holdout_images: Training images held out as a validation split (MSDNet threshold fitting).
-        msdnet_preset: MSDNet preset (``small``, ``cifar-anytime``, ...).
+    Args:
+        cfg: The recipe (its method, model, scales and, for MSUN, ``split_reduction``).
+        num_classes: Classifier size.
+        base: A loaded timm model to reuse (:class:`cka_scale.models.LoadedModel`), e.g. the one the split was
+            chosen on; loaded from ``cfg`` when None.
+        resumed: Build the architecture only (no starting weights): a checkpoint will supply them.
+
+    Returns:
+        The model, its preprocessing config and the facts for the run record.
     """
-
-    model: str = "tf_efficientnet_lite0"
-    method: str = "msun"
-    scales: tuple[int, ...] = (32, 128, 224)
-    data: str = "fashion-mnist"
-    epochs: int = 1
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    warmup_epochs: float = 0.5
-    min_lr_ratio: float = 0.01
-    clip_grad: float | None = 1.0
-    seed: int = 0
-    weights: str = "auto"
-    split_reduction: int | None = None
-    si_weight: float = 1.0
-    si_tau: float = 0.01
-    si_pairs: str = "all"
-    si_detach_reference: bool = False
-    si_kind: str = "mse"
-    label_smoothing: float = 0.0
-    amp: str = "auto"
-    device: str = "auto"
-    num_workers: int = 0
-    train_images: int | None = None
-    test_images: int | None = 1000
-    holdout_images: int | None = None
-    msdnet_preset: str = "small"
-
-    def resolved(self) -> TrainConfig:
-        """Validate the settings (sorted unique scales, known method/optimizer/loss).
-
-        Raises:
-            ToolkitError: A setting is out of range; the message names the flag.
-        """
-        if self.method not in METHODS:
-            raise ToolkitError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        scales = tuple(sorted({int(s) for s in self.scales}))
-        if any(s < 8 for s in scales):
-            raise ToolkitError(f"--scales must be integers >= 8, got {list(self.scales)}")
-        if self.method in ("msun", "mst") and len(scales) < 2:
-            raise ToolkitError(f"--method {self.method} needs at least two --scales")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ToolkitError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.si_kind not in SI_KINDS:
-            raise ToolkitError(f"--si-kind must be one of {', '.join(SI_KINDS)}")
-        if self.amp not in ("auto", "on", "off"):
-            raise ToolkitError("--amp must be auto, on or off")
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
-            if value < 1:
-                raise ToolkitError(f"{flag} must be at least 1, got {value}")
-        if self.lr <= 0:
-            raise ToolkitError(f"--lr must be positive, got {self.lr}")
-        return dataclasses.replace(self, scales=scales)
-
-    @property
-    def reference(self) -> int:
-        """The largest scale."""
-        return max(self.scales)
-
-
-def holdout_split(count: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
-    """Split ``range(count)`` into (train, held-out) index lists, fixed by ``seed``."""
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(10_007 + seed)).tolist()
-    return sorted(order[holdout:]), sorted(order[:holdout])
-
-
-def _seed_everything(seed: int, epoch: int) -> None:
-    value = seed * 1_000_003 + epoch
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)
-
-
-def _rng_state() -> dict[str, Any]:
-    keys, pos, has_gauss, cached = np.random.get_state()[1:]
-    state = {"python": json.dumps(random.getstate()), "numpy": torch.from_numpy(keys.astype(np.int64)),
-             "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached)], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cfg = cfg.resolved()
+    method = check_method(cfg)
+    if base is None:
+        seed_everything(cfg.seed, -1)
+    return method.build(cfg, num_classes, base, resumed)
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -238,44 +119,67 @@ def _tensorboard(out: Path, ctx: DistContext) -> Any:
     return SummaryWriter(str(out / "tb"))
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-          run_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train ``cfg.method`` and write the run folder ``out`` (see :mod:`msun_builder.runs`).
+def train(cfg: TrainConfig, out: str | Path, built: Built, *, progress: bool = True,
+          split: dict[str, Any] | None = None, build: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train a freshly built model and write the run folder ``out`` (see :mod:`msun_builder.runs`).
 
     Args:
         cfg: The recipe.
         out: Run folder.
-        resume: Continue from ``out/checkpoint.pt`` (the config is read from ``out/run.json``).
+        built: The model from :func:`build_model` (built once, by the caller).
         progress: Progress bars (rank 0).
-        run_info: Extra facts for ``run.json`` (e.g. the auto-split choice).
+        split: How the MSUN split was chosen (module, reduction, reason, candidates), for the run record.
+        build: The MSUN cost table, for the run record.
 
     Returns:
         The final metrics row.
 
     Raises:
-        ToolkitError: Bad settings, nothing to resume, or unusable data/model.
+        ToolkitError: Bad settings or unusable data.
+    """
+    cfg = cfg.resolved()
+    check_method(cfg)
+    if split is not None:
+        split = {**split, **(built.facts.get("split") or {})}
+    return _fit(cfg, Path(out), built, None, progress, {"split": split or built.facts.get("split"), "build": build})
+
+
+def resume(out: str | Path, *, device: str | None = None, num_workers: int | None = None,
+           progress: bool = True) -> dict[str, Any]:
+    """Continue the run in ``out`` from its last checkpoint: the record rebuilds the model, the loop goes on.
+
+    Args:
+        out: The run folder.
+        device: Override the recorded ``--device`` (the machine may differ).
+        num_workers: Override the recorded DataLoader workers.
+        progress: Progress bars (rank 0).
+
+    Returns:
+        The final metrics row (at once, when the run had already finished).
+
+    Raises:
+        ToolkitError: No run there, or its record or checkpoint is damaged (the message says what to do).
     """
     out = Path(out)
-    state: dict[str, Any] | None = None
-    if resume:
-        info = load_run(out)
-        cfg = TrainConfig(**{**info["config"], "scales": tuple(info["config"]["scales"]),
-                             "device": cfg.device, "num_workers": cfg.num_workers})
-        if not (out / "checkpoint.pt").is_file():
-            raise ToolkitError(f"{str(out)!r} has no checkpoint.pt yet: start the run again without --resume")
-        state = checkpoint_state(out / "checkpoint.pt")
-        if state["epoch"] >= cfg.epochs:
-            return state["metrics"][-1] if state["metrics"] else {}
-        run_info = {k: v for k, v in info.items() if k not in ("format", "config")}
-    cfg = cfg.resolved()
+    record = RunRecord.load(out)
+    state = load_checkpoint(out)
+    cfg = dataclasses.replace(record.config, **{k: v for k, v in (("device", device), ("num_workers", num_workers))
+                                                if v is not None})
+    if int(state["epoch"]) >= cfg.epochs:
+        return state["metrics"][-1] if state["metrics"] else {}
+    built = build_model(cfg, len(record.classes), resumed=True)
+    return _fit(cfg, out, built, state, progress, {"split": record.split, "build": record.build})
+
+
+def _fit(cfg: TrainConfig, out: Path, built: Built, state: dict[str, Any] | None, progress: bool,
+         extra: dict[str, Any]) -> dict[str, Any]:
+    method = check_method(cfg)
     with distributed(cfg.device) as ctx:
         if cfg.batch_size % ctx.world_size:
             raise ToolkitError(f"--batch-size {cfg.batch_size} must divide among {ctx.world_size} processes")
         train_set = open_dataset(cfg.data, "train")
         classes = train_set.classes
-        _seed_everything(cfg.seed, -1)
-        model, data_config, built = build_model(cfg, len(classes), resumed=state is not None, run_info=run_info)
-        model.to(ctx.device)
+        model, data_config = built.model.to(ctx.device), built.data_config
         indices = list(range(len(train_set)))
         holdout: list[int] = []
         if cfg.holdout_images:
@@ -283,6 +187,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         if cfg.train_images is not None and cfg.train_images < len(indices):
             pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             indices = sorted(indices[i] for i in pick[: cfg.train_images])
+        description = train_set.description
         train_set = Subset(train_set.with_transform(train_transform(cfg.data, cfg.reference, data_config)), indices)
         test_set = open_dataset(cfg.data, "test", transform=test_transform(cfg.data, cfg.reference, data_config))
         if cfg.test_images is not None and cfg.test_images < len(test_set):
@@ -290,8 +195,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         per_rank = cfg.batch_size // ctx.world_size
         if len(train_set) < cfg.batch_size:
             raise ToolkitError(f"{len(train_set)} training images are fewer than --batch-size {cfg.batch_size}")
-        step = make_step(cfg, model)
-        si_loss = ScaleInvariantLoss(cfg.si_weight, cfg.si_tau, cfg.si_pairs, cfg.si_detach_reference, cfg.si_kind)
+        step = method.step(model, cfg)
+        criterion = method.criterion(cfg)
         wrapped: nn.Module = DistributedDataParallel(step) if ctx.active else step
         optimizer = _optimizer(cfg, step)
         steps_per_epoch = len(train_set) // cfg.batch_size
@@ -302,25 +207,28 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         history: list[dict[str, Any]] = []
         start_epoch = 0
         if state is not None:
-            step.model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            try:
+                step.model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as err:
+                detail = str(err).splitlines()[0][:160]
+                raise ToolkitError(f"{str(out / 'checkpoint.pt')!r} does not fit the model its run.json describes "
+                                   f"({detail}): start the run again without --resume") from None
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
             history, start_epoch = list(state["metrics"]), int(state["epoch"])
         elif ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            write_run_json(out, {"method": cfg.method, "config": dataclasses.asdict(cfg), "classes": classes,
-                                 "data": train_set.dataset.description, "train_images": len(indices),
-                                 "holdout_images": len(holdout), "world_size": ctx.world_size, **built,
-                                 **(run_info or {}),
-                                 "data_config": {k: list(v) if isinstance(v, tuple) else v
-                                                 for k, v in data_config.items()}})
+            facts = {k: v for k, v in built.facts.items() if k != "split"}
+            RunRecord(method=cfg.method, config=cfg, classes=list(classes), data=description,
+                      data_config=dict(data_config), train_images=len(indices), holdout_images=len(holdout),
+                      world_size=ctx.world_size, **facts, **extra).save(out)
         test_loader = DataLoader(test_set, batch_size=max(per_rank, 64), num_workers=cfg.num_workers)
         writer = _tensorboard(out, ctx)
         row: dict[str, Any] = history[-1] if history else {}
         for epoch in range(start_epoch, cfg.epochs):
-            _seed_everything(cfg.seed, epoch)
+            seed_everything(cfg.seed, epoch)
             if ctx.active:
                 sampler: Any = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)
                 sampler.set_epoch(epoch)
@@ -336,15 +244,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             for images, labels in bar:
                 images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
                 with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits, features = wrapped(images)
-                    terms = {f"ce_{k}": F.cross_entropy(v.float(), labels, label_smoothing=cfg.label_smoothing)
-                             for k, v in logits.items()}
-                    loss = sum(terms.values())
-                    if features is not None:
-                        si, si_logs = si_loss([f.float() for f in features], list(cfg.scales))
-                        loss = loss + si
-                        terms.update({k: torch.tensor(v) for k, v in si_logs.items()})
-                        terms["si_total"] = si.detach()
+                    outputs = wrapped(images)
+                    loss, terms = criterion(outputs, labels)
                 if not torch.isfinite(loss):
                     raise ToolkitError(f"the loss became {float(loss)} at epoch {epoch + 1}: lower --lr (now "
                                        f"{cfg.lr}) or keep --clip-grad on")
@@ -360,7 +261,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
-                for key, value in logits.items():
+                for key, value in outputs[0].items():
                     acc = float((value.argmax(-1) == labels).float().mean())
                     sums[f"train_acc_{key}"] = sums.get(f"train_acc_{key}", 0.0) + acc
                 bar.set_postfix(loss=f"{sums['loss'] / count:.3f}")
@@ -371,10 +272,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             if ctx.is_main:
                 row.update(_test_accuracy(step, test_loader, ctx.device))
                 history.append(row)
-                atomic_torch_save({"epoch": epoch + 1, "model": step.model.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "scaler": scaler.state_dict(), "rng": _rng_state(), "metrics": history},
-                                  out / "checkpoint.pt")
+                save_checkpoint({"epoch": epoch + 1, "model": step.model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "scaler": scaler.state_dict(), "rng": rng_state(), "metrics": history}, out)
                 _write_metrics(out, history)
                 if writer is not None:
                     for key, value in row.items():
@@ -386,7 +286,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             if ctx.active:
                 torch.distributed.barrier()
         if ctx.is_main:
-            save_run_model(step.model, cfg.method, out / "model", architecture=built.get("architecture"))
+            method.save(step.model, out / "model")
         if writer is not None:
             writer.close()
     return row

@@ -1,7 +1,7 @@
 """Train and test preprocessing per data source: sensible augmentation, the model's normalisation, one size.
 
 Every image becomes a tensor at the reference scale; the other scales of a batch are made from it by bilinear
-resizing (:func:`resize`), so all branches of a step see the same crop.
+resizing (:func:`scale_common.resize.resize`), so all branches of a step see the same crop.
 
 * ``fashion-mnist*`` (28 px product photos): random 28 px crop of the 2 px padded image, horizontal flip; the whole
   image is resized (no centre crop) for training and testing alike.
@@ -16,29 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
 from cka_scale.data import eval_transform
 
-__all__ = ["down_up", "resize", "test_transform", "train_transform"]
+__all__ = ["test_transform", "train_transform"]
 
 _WHOLE_IMAGE = ("fashion-mnist", "fashion-mnist-subset", "textures")
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of a batch to ``size`` x ``size`` (no antialias, as the MSUN code does); same size: as is."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-
-
-def down_up(x: torch.Tensor, size: int) -> torch.Tensor:
-    """The paper's test-size protocol: shrink to ``size`` and re-enlarge to the input's size (bilinear both ways)."""
-    return resize(resize(x, size), x.shape[-1])
 
 
 class _Rot90:

@@ -7,20 +7,24 @@ import pytest
 
 from cka_scale import ToolkitError
 from msun_builder.cli import eval_main
-from msun_builder.evaluate import evaluate_runs, markdown_table, parse_sizes
-from msun_builder.train import TrainConfig, train
+from msun_builder.config import TrainConfig, parse_sizes
+from msun_builder.evaluate import evaluate_runs, markdown_table
+from msun_builder.train import build_model, train
 
 TINY = dict(model="test_resnet", weights="none", scales=(16, 32), data="fashion-mnist-subset", batch_size=16,
             train_images=32, test_images=16, epochs=1, device="cpu")
 
 
+def fit(cfg, out):
+    return train(cfg, out, build_model(cfg, 10), progress=False)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    train(TrainConfig(method="msun", split_reduction=8, **TINY), root / "msun", progress=False)
-    train(TrainConfig(method="vanilla", **TINY), root / "vanilla", progress=False)
-    train(TrainConfig(method="msdnet", holdout_images=40, **{**TINY, "scales": (32,)}), root / "msdnet",
-          progress=False)
+    fit(TrainConfig(method="msun", split_reduction=8, **TINY), root / "msun")
+    fit(TrainConfig(method="vanilla", **TINY), root / "vanilla")
+    fit(TrainConfig(method="msdnet", holdout_images=40, **{**TINY, "scales": (32,)}), root / "msdnet")
     return root
 
 

@@ -12,8 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from cka_scale import ToolkitError
-from msun_builder.runs import load_run, load_run_model
-from msun_builder.train import TrainConfig, holdout_split, train
+from msun_builder.config import TrainConfig
+from msun_builder.methods import get_method
+from msun_builder.runs import RunRecord, holdout_split
+from msun_builder.train import build_model, resume, train
+
+def fit(cfg, out):
+    """Build once, then train: the path the command line takes."""
+    return train(cfg, out, build_model(cfg, 10), progress=False)
+
 
 TINY = dict(model="test_resnet", weights="none", scales=(16, 32), data="fashion-mnist-subset", batch_size=16,
             train_images=64, test_images=32, optimizer="sgd", lr=0.05, warmup_epochs=0.0, device="cpu")
@@ -24,16 +31,17 @@ def test_each_method_trains_and_saves_a_loadable_model(method, tmp_path):
     extra = {"split_reduction": 8} if method == "msun" else {}
     if method == "msdnet":
         extra = {"holdout_images": 32, "scales": (32,)}
-    row = train(TrainConfig(method=method, epochs=2, **{**TINY, **extra}), tmp_path, progress=False)
+    row = fit(TrainConfig(method=method, epochs=2, **{**TINY, **extra}), tmp_path)
     rows = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2] and row == rows[-1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    info = load_run(tmp_path)
-    assert info["method"] == method and info["classes"][0] == "T-shirt/top" and info["world_size"] == 1
+    record = RunRecord.load(tmp_path)
+    assert record.method == method and record.classes[0] == "T-shirt/top" and record.world_size == 1
+    assert record.config == TrainConfig(method=method, epochs=2, **{**TINY, **extra}).resolved()
     keys = {"msun": {"ce_16", "ce_32", "si_16_32", "si_total"}, "vanilla": {"ce_32"}, "mst": {"ce_16", "ce_32"},
             "msdnet": {"ce_exit0", "ce_exit3"}}[method]
     assert keys <= set(row)
-    model = load_run_model(tmp_path / "model", method)
+    model = get_method(method).load(tmp_path / "model")
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["model"][key])
@@ -42,7 +50,7 @@ def test_each_method_trains_and_saves_a_loadable_model(method, tmp_path):
 
 def test_a_few_steps_lower_the_msun_loss(tmp_path):
     cfg = TrainConfig(method="msun", epochs=4, split_reduction=8, **{**TINY, "train_images": 32, "lr": 0.1})
-    train(cfg, tmp_path, progress=False)
+    fit(cfg, tmp_path)
     losses = [r["loss"] for r in json.loads((tmp_path / "metrics.json").read_text())]
     assert losses[-1] < losses[0]
 
@@ -81,7 +89,7 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path):
 
 def test_resume_errors_name_the_fix(tmp_path):
     with pytest.raises(ToolkitError, match="not a training run"):
-        train(TrainConfig(), tmp_path, resume=True)
+        resume(tmp_path)
 
 
 def test_two_process_ddp_training(tmp_path):
@@ -90,10 +98,10 @@ def test_two_process_ddp_training(tmp_path):
            *_build_cmd(tmp_path, 1)[1:]]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    info = load_run(tmp_path)
+    record = RunRecord.load(tmp_path)
     rows = json.loads((tmp_path / "metrics.json").read_text())
-    assert info["world_size"] == 2 and rows[0]["images"] == 96  # 6 steps of 16 images, 8 per process
-    assert load_run_model(tmp_path / "model", "msun")(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert record.world_size == 2 and rows[0]["images"] == 96  # 6 steps of 16 images, 8 per process
+    assert get_method("msun").load(tmp_path / "model")(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
 def test_holdout_split_is_disjoint_and_fixed():
@@ -104,8 +112,8 @@ def test_holdout_split_is_disjoint_and_fixed():
 
 @pytest.mark.parametrize("field,value,match", [
     ("method", "fixres", "msun, vanilla, mst, msdnet"), ("scales", (4, 32), ">= 8"), ("optimizer", "lamb", "sgd"),
-    ("scales", (32,), "at least two"), ("epochs", 0, "at least 1"),
+    ("scales", (32,), "at least 2"), ("epochs", 0, "at least 1"), ("si_kind", "l1", "mse, cosine, cka"),
 ])
 def test_bad_settings(field, value, match):
     with pytest.raises(ToolkitError, match=match):
-        TrainConfig(**{**TINY, "method": "msun", field: value}).resolved()
+        build_model(TrainConfig(**{**TINY, "method": "msun", "split_reduction": 8, field: value}), 10)
