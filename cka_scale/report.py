@@ -8,8 +8,8 @@ Both files are written atomically, the JSON last, so a directory either holds a 
 from __future__ import annotations
 
 import io
-import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from scale_common.errors import ToolkitError
-from scale_common.files import atomic_write_bytes, atomic_write_json
+from scale_common.files import atomic_write_bytes, atomic_write_json, read_json
 
 __all__ = ["REPORT_FORMAT", "Report", "load_report"]
 
@@ -129,14 +129,16 @@ def load_report(directory: str | Path) -> Report:
     if not json_path.is_file() or not npz_path.is_file():
         raise ToolkitError(f"{str(folder)!r} holds no cka-scale report (report.json and cka.npz): run "
                            "`cka-scale analyze MODEL --out DIR` first")
+    fix = "run `cka-scale analyze` again into this folder"
+    data = read_json(json_path, what="CKA report", fix=fix, format=REPORT_FORMAT)
     try:
-        data = json.loads(json_path.read_text())
         with np.load(npz_path) as npz:
             runs = npz["cka_runs"]
-    except (ValueError, OSError, KeyError) as err:
-        raise ToolkitError(f"cannot read the report in {str(folder)!r}: {err}") from None
-    if data.get("format") != REPORT_FORMAT:
-        raise ToolkitError(f"{str(json_path)!r} is not a {REPORT_FORMAT} report")
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError) as err:
+        raise ToolkitError(f"{str(npz_path)!r} is not a readable CKA array file ({err}): {fix}") from None
+    missing = [k for k in ("model", "weights", "scales", "reference", "layers") if k not in data]
+    if missing:
+        raise ToolkitError(f"{str(json_path)!r} is not a readable CKA report (missing {', '.join(missing)}): {fix}")
     standard = {"format", "model", "weights", "scales", "reference", "config", "layers"}
     layers = [{k: v for k, v in layer.items() if k not in ("cka", "cka_std")} for layer in data["layers"]]
     meta = {k: v for k, v in data.items() if k not in standard}

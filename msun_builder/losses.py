@@ -2,7 +2,7 @@
 
 Liu, Zhu & Liu 2024 (arXiv 2403.18294) add to the branches' cross-entropies the MSE between every pair of subnet
 outputs resized to the unified size U, each term replaced by 0 below a truncation ``tau``, weight 1, gradients
-into both sides (authors' code; spec sections 2.2 and G5). Options here: the pair set (``all`` or only pairs with
+into both sides (the authors' code, ``SmallPigPeppa/MSC``). Options here: the pair set (``all`` or only pairs with
 the reference branch), detaching the reference branch, and two alternatives to MSE: cosine distance and 1 - linear
 CKA over the batch (differentiable, from :mod:`cka_scale.functional`).
 """

@@ -7,7 +7,7 @@ dropped with depth ("max" pruning); each drop is followed by a 1x1 transition th
 block a classifier reads the coarsest scale, so ``forward`` returns one logit tensor per exit.
 
 Presets (numbers from the authors' code; where the Lua original ``gaohuang/MSDNet`` and the PyTorch port
-``kalviny/MSDNet-PyTorch`` disagree, the PyTorch README is followed, as recommended by gap G12 of the spec):
+``kalviny/MSDNet-PyTorch`` disagree, the PyTorch README is followed, this being a PyTorch implementation):
 
 ``cifar-anytime``
     PyTorch README: 7 blocks, even steps 2 (first block 4 layers), 16 channels, growth 6, factors 1-2-4.

@@ -8,7 +8,6 @@ and shares the deep part as the unified net (:class:`MSUN`). :func:`save_msun` w
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from msun_builder._network import MSUN, BranchOutputs, assemble
 from msun_builder._routing import check_routing, check_scales
 from msun_builder.split import choose_tap, input_channels
 from scale_common.errors import ToolkitError
-from scale_common.files import atomic_path, atomic_write_json
+from scale_common.files import atomic_path, atomic_write_json, read_json, read_safetensors
 
 __all__ = ["MSUN", "BranchOutputs", "create_msun", "load_msun", "save_msun"]
 
@@ -190,11 +189,11 @@ def save_msun(model: MSUN, directory: str | os.PathLike[str]) -> Path:
     return folder
 
 
+_FIX = "save the MSUN again with save_msun (for a training run: continue it with `msun-build --resume RUN`)"
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ToolkitError(f"cannot read {folder / CONFIG_FILE}: {err}; save the MSUN again with save_msun") from None
+    config = read_json(folder / CONFIG_FILE, what="saved MSUN description", fix=_FIX)
     needed = ("model", "num_classes", "scales", "split", "unified_size", "routing", "subnets")
     missing = [k for k in needed if not isinstance(config, dict) or k not in config]
     if missing:
@@ -222,8 +221,6 @@ def load_msun(directory: str | os.PathLike[str], map_location: str | torch.devic
     Raises:
         ToolkitError: A file is missing or unreadable, or the config and the weights do not match.
     """
-    from safetensors.torch import load_file
-
     folder = Path(directory)
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
     if missing:
@@ -240,10 +237,7 @@ def load_msun(directory: str | os.PathLike[str], map_location: str | torch.devic
     except (AttributeError, KeyError, TypeError) as err:
         raise ToolkitError(f"{folder / CONFIG_FILE} does not describe a valid MSUN for {config['model']} ({err}); "
                            "save the MSUN again") from None
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ToolkitError(f"cannot read {folder / WEIGHTS_FILE}: {err}; save the MSUN again") from None
+    state = read_safetensors(folder / WEIGHTS_FILE, what="saved MSUN weights", fix=_FIX)
     own = msun.state_dict()
     problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
     problems += [f"{k}: file {tuple(v.shape)} vs config {tuple(own[k].shape)}"

@@ -17,6 +17,7 @@ from msun_builder.methods import get_method
 from msun_builder.runs import RunRecord, holdout_split
 from msun_builder.train import build_model, resume, train
 
+
 def fit(cfg, out):
     """Build once, then train: the path the command line takes."""
     return train(cfg, out, build_model(cfg, 10), progress=False)
