@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from cka_scale import functional as F
+from cka_scale._stats import t_quantile
 from scale_common.errors import ToolkitError
 
 __all__ = ["DEFAULT_BUCKETS", "MIN_MINIBATCHES", "CKAAccumulator", "Jackknife", "minibatch_size", "t_quantile"]
@@ -56,15 +57,6 @@ def minibatch_size(images: int, batch_size: int, min_batch: int, target: int = M
         The minibatch size.
     """
     return max(min_batch, min(batch_size, images // max(1, target)))
-
-
-def t_quantile(level: float, dof: int | float) -> float:
-    """The two-sided ``level`` quantile of Student's t with ``dof`` degrees of freedom (NaN when ``dof < 1``)."""
-    if not dof >= 1:
-        return math.nan
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + level / 2, dof))
 
 
 class Jackknife(NamedTuple):

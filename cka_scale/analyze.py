@@ -6,7 +6,11 @@ default ``down-up`` mode, shrunk to scale ``s`` and re-enlarged to the reference
 layer keeps its reference shape; ``native`` feeds the ``s``-sized image directly. Every chosen layer's activation
 becomes an n x n Gram matrix in a forward hook, and all (scale, layer) Grams of a batch go into one
 :class:`~cka_scale.accumulate.CKAAccumulator`: minibatch CKA with unbiased HSIC (Nguyen, Raghu & Kornblith 2021,
-arXiv 2010.15327). ``repeats`` independent draws of images give a mean and a standard deviation.
+arXiv 2010.15327). Every CKA carries a 95% interval from a jackknife over the HSIC minibatches
+(:mod:`cka_scale.accumulate`); when the images give fewer than 8 minibatches of ``batch_size``, the minibatches
+shrink (:func:`~cka_scale.accumulate.minibatch_size`) so that the interval exists. ``repeats`` draws of images are
+disjoint when the source holds ``repeats x images`` images, else different but overlapping (said in a note); a source
+too small for different draws is refused.
 
 Under ``torchrun`` the batches are shared out among the processes and the accumulator's sums are reduced exactly,
 so the report equals the single-process one.
@@ -25,13 +29,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from cka_scale.accumulate import CKAAccumulator
+from cka_scale.accumulate import CKAAccumulator, minibatch_size
 from cka_scale.config import AnalyzeConfig
 from cka_scale.data import eval_transform, open_dataset
 from cka_scale.functional import cka_id
 from cka_scale.hooks import capture_grams, parse_spatial, select_layers, trace_layers
 from cka_scale.models import load_model
 from cka_scale.report import Report
+from cka_scale.sampling import draw_subsets, sample_notes
 from scale_common.distributed import distributed
 from scale_common.errors import ToolkitError
 from scale_common.modules import count_params
@@ -110,17 +115,22 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
         acc = CKAAccumulator([f"{s}px:{n}" for s in cfg.scales for n in names], kernel=cfg.kernel,
                              threshold=cfg.threshold, unbiased=cfg.unbiased, shape=(len(cfg.scales), len(names)),
                              device=ctx.device)
-        batches = plan_batches(count, cfg.batch_size, min_batch)
+        draws, how = draw_subsets(len(dataset), count, cfg.repeats, cfg.seed, dataset.description.split(":")[0])
+        if how == "overlapping":
+            notes.append(f"{cfg.repeats} draws of {count} among {len(dataset)} images overlap: the interval of their "
+                         "mean is that of one draw (conservative)")
+        minibatch = minibatch_size(count, cfg.batch_size, min_batch)
+        batches = plan_batches(count, minibatch, min_batch)
         mine = batches[ctx.rank::ctx.world_size]
-        runs = []
+        acc.place(ctx.rank, ctx.world_size)
+        runs, errors, dofs = [], [], []
         bar = tqdm(total=cfg.repeats * len(mine), unit="batch", desc=f"CKA {cfg.model}", dynamic_ncols=True,
                    disable=not (progress and ctx.is_main))
         reduce = parse_spatial(cfg.spatial)
         with torch.no_grad(), capture_grams(model, names, reduce=reduce, kernel=cfg.kernel,
                                             threshold=cfg.threshold) as take:
             for repeat in range(cfg.repeats):
-                order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + repeat))
-                subset = Subset(dataset, order[:count].tolist())
+                subset = Subset(dataset, draws[repeat])
                 loader = DataLoader(subset, batch_sampler=mine, num_workers=cfg.num_workers,
                                     pin_memory=ctx.device.type == "cuda")
                 for images, _ in loader:
@@ -132,7 +142,10 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
                     acc.update_grams(torch.cat(grams))
                     bar.update()
                 acc.all_reduce()
-                runs.append(acc.compute(reshape=True).cpu().numpy())
+                jack = acc.jackknife(reshape=True)
+                runs.append(jack.cka.cpu().numpy())
+                errors.append(jack.se.cpu().numpy())
+                dofs.append(jack.dof)
                 acc.reset()
         bar.close()
         total_params = count_params(model)
@@ -140,6 +153,9 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
             "data": dataset.description,
             "images": count,
             "batches": [len(b) for b in batches],
+            "minibatches": len(batches),
+            "hsic_minibatch": minibatch,
+            "draws": how,
             "estimator": cka_id(cfg.kernel, cfg.unbiased, cfg.threshold),
             "world_size": ctx.world_size,
             "device": str(ctx.device),
@@ -152,5 +168,7 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
         }
     rows = [{"name": i.name, "kind": i.kind, "shape": list(i.shape), "reduction": i.reduction, "tap": i.tap,
              "cum_params": i.cum_params} for i in layers]
-    return Report(cfg.model, weights, list(cfg.scales), reference, rows, np.stack(runs),
-                  dataclasses.asdict(cfg), meta)
+    report = Report(cfg.model, weights, list(cfg.scales), reference, rows, np.stack(runs), dataclasses.asdict(cfg),
+                    meta, np.stack(errors), dofs)
+    report.meta["notes"] += sample_notes(report, cfg, minibatch)
+    return report

@@ -53,9 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--unbiased", action=argparse.BooleanOptionalAction, default=None,
                    help="unbiased HSIC (minibatch CKA, the default); --no-unbiased uses the biased estimator")
     a.add_argument("--images", type=positive_int, default=None, help="images per repeat (all if the source has fewer)")
-    a.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (HSIC minibatch)")
-    a.add_argument("--repeats", type=positive_int, default=None, help="independent draws of images (mean and std)")
-    a.add_argument("--seed", type=int, default=None, help="seed of the first draw (repeat r uses seed + r)")
+    a.add_argument("--batch-size", type=positive_int, default=None,
+                   help="images per batch and HSIC minibatch (at most: smaller when --images gives fewer "
+                        "than 8 minibatches, so that the 95%% interval exists)")
+    a.add_argument("--repeats", type=positive_int, default=None,
+                   help="different draws of --images images (disjoint when the source is big enough; mean, "
+                        "std and a combined 95%% interval)")
+    a.add_argument("--seed", type=int, default=None, help="seed of the draws of images")
     a.add_argument("--data", default=None,
                    help="samples (embedded photos), textures, fashion-mnist, fashion-mnist-subset, or an image folder")
     a.add_argument("--split", choices=("train", "test", "all"), default=None, help="data split")
@@ -102,12 +106,12 @@ def _analyze(args: argparse.Namespace) -> int:
     if not args.no_plots:
         plot_report(report, out)
     path = report.save(out)
+    for note in report.meta.get("notes", []):  # on stderr even with --quiet or --json: they say what to trust
+        print(f"warning: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
     if not quiet:
-        for note in report.meta.get("notes", []):
-            print(f"note: {note}", file=sys.stderr)
         print(report.summary_table())
         print(f"\nreport: {path}  (figures and cka.npz beside it)")
     return 0

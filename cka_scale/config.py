@@ -29,9 +29,11 @@ class AnalyzeConfig:
         threshold: RBF bandwidth as a fraction of the median distance.
         unbiased: Unbiased HSIC (minibatch CKA) when True, biased HSIC per batch otherwise.
         images: Images per repeat (a smaller source is used whole).
-        batch_size: Images per forward pass and per HSIC minibatch.
-        repeats: Independent draws of ``images`` images (mean and std over them).
-        seed: Seed of the first draw; repeat r uses ``seed + r``.
+        batch_size: Images per forward pass and per HSIC minibatch, at most: smaller when ``images`` would give fewer
+            than 8 minibatches, so that the jackknife interval exists (:func:`cka_scale.accumulate.minibatch_size`).
+        repeats: Different draws of ``images`` images (disjoint when the source holds ``repeats x images``; mean,
+            std and a combined 95% interval over them).
+        seed: Seed of the draws (disjoint slices of one permutation; overlapping draws use ``seed + r``).
         data: ``samples``, ``textures``, ``fashion-mnist``, ``fashion-mnist-subset`` or a directory.
         split: Data split to draw from.
         weights: ``auto``, ``none`` or a state-dict path.
