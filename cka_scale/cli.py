@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "std and a combined 95%% interval)")
     a.add_argument("--seed", type=int, default=None, help="seed of the draws of images")
     a.add_argument("--data", default=None,
-                   help="samples (embedded photos), textures, fashion-mnist, fashion-mnist-subset, or an image folder")
+                   help="samples (14 embedded photos), stamps (212 photo cut-outs, `make data`), textures, "
+                        "fashion-mnist, fashion-mnist-subset, or an image folder")
     a.add_argument("--split", choices=("train", "test", "all"), default=None, help="data split")
     a.add_argument("--weights", default=None, help="auto (bundled or hub), none (random) or a state-dict path")
     a.add_argument("--layers", default=None,

@@ -34,7 +34,7 @@ class AnalyzeConfig:
         repeats: Different draws of ``images`` images (disjoint when the source holds ``repeats x images``; mean,
             std and a combined 95% interval over them).
         seed: Seed of the draws (disjoint slices of one permutation; overlapping draws use ``seed + r``).
-        data: ``samples``, ``textures``, ``fashion-mnist``, ``fashion-mnist-subset`` or a directory.
+        data: ``samples``, ``stamps``, ``textures``, ``fashion-mnist``, ``fashion-mnist-subset`` or a directory.
         split: Data split to draw from.
         weights: ``auto``, ``none`` or a state-dict path.
         layers: ``stages``, ``blocks``, ``all`` or comma-separated globs.

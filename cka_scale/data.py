@@ -10,6 +10,12 @@ Every command's ``--data`` takes one of:
     crops from the left half of each photo form the train split, crops from the right half the test split, so the
     two never share a pixel. Classes differ mostly in the scale of their structure, which makes the task genuinely
     scale-sensitive.
+``stamps``
+    About 210 real photo cut-outs (animals, fruit, vegetables, flowers, trees, fish, ...) from Debian's
+    ``tuxpaint-stamps-default`` (GPL-2, installed by ``make data``; never vendored). Each transparent cut-out is
+    composited, centred with a margin, on a square neutral grey background; the class is its stamp folder (e.g.
+    ``animals/birds``). Drawings are left out: anything under a ``cartoon`` folder or with an SVG original, and flat
+    artwork whose 8 commonest colours cover more than half of it. One split (``--split`` is ignored).
 ``fashion-mnist``
     Zalando's Fashion-MNIST (10 classes of real product photos, 28x28 grey, MIT): the full 60k/10k set from Debian's
     ``dataset-fashion-mnist`` when installed (``make data``), else the committed 1000/500 subset with a warning.
@@ -56,13 +62,16 @@ __all__ = [
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 FASHION_MNIST_DIR = Path(os.environ.get("CKA_SCALE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+STAMPS_DIR = Path(os.environ.get("CKA_SCALE_STAMPS_DIR", "/usr/share/tuxpaint/stamps"))
+STAMP_GROUPS = ("animals", "food", "plants")  # the photographic stamp folders
+STAMP_BACKGROUND = (124, 116, 104)  # ImageNet's mean colour: neutral for ImageNet-trained models
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
 TEXTURE_CLASSES = ["brick", "grass", "gravel", "moon", "hubble_deep_field"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 #: Names ``--data`` accepts besides a directory path.
-DATA_SOURCES = ("samples", "textures", "fashion-mnist", "fashion-mnist-subset")
+DATA_SOURCES = ("samples", "stamps", "textures", "fashion-mnist", "fashion-mnist-subset")
 SPLITS = ("train", "test", "all")
 
 
@@ -205,6 +214,48 @@ def _textures(split: str, crop: int, per_class: int | None, seed: int) -> ImageD
                         f"textures: {len(labels)} {crop}px grey crops of 5 CC0/PD texture photos ({split} half)")
 
 
+def _is_photo(path: Path) -> bool:
+    """A photographic cut-out: no SVG original, not flat artwork (8 colours over half the opaque pixels), >= 500 px."""
+    if path.with_suffix(".svg").exists() or "cartoon" in path.parts:
+        return False
+    with Image.open(path) as img:
+        rgba = np.asarray(img.convert("RGBA")).astype(np.int64)
+    rgb = rgba[..., :3][rgba[..., 3] > 200]
+    if len(rgb) < 500:
+        return False
+    _, counts = np.unique((rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2], return_counts=True)
+    return np.sort(counts)[::-1][:8].sum() <= 0.5 * len(rgb)
+
+
+@cache
+def _stamp_files(root: Path) -> tuple[tuple[Path, str], ...]:
+    files = sorted(f for group in STAMP_GROUPS if (root / group).is_dir() for f in (root / group).rglob("*.png"))
+    return tuple((f, "/".join(f.relative_to(root).parts[:2])) for f in files if _is_photo(f))
+
+
+def _composite(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        stamp = img.convert("RGBA")
+    side = round(1.15 * max(stamp.size))
+    canvas = Image.new("RGBA", (side, side), (*STAMP_BACKGROUND, 255))
+    canvas.alpha_composite(stamp, ((side - stamp.width) // 2, (side - stamp.height) // 2))
+    return canvas.convert("RGB")
+
+
+def _stamps(split: str) -> ImageDataset:
+    fix = ("install Debian's tuxpaint-stamps-default: `make data` (or `sudo apt-get install tuxpaint-stamps-default`)"
+           ", or point CKA_SCALE_STAMPS_DIR at its stamps folder")
+    if not STAMPS_DIR.is_dir():
+        raise ToolkitError(f"--data stamps needs the Tux Paint stamps in {STAMPS_DIR}, which is missing: {fix}")
+    files = _stamp_files(STAMPS_DIR)
+    if not files:
+        raise ToolkitError(f"no photographic stamps found under {STAMPS_DIR}/{{{','.join(STAMP_GROUPS)}}}: {fix}")
+    classes = sorted({c for _, c in files})
+    return ImageDataset("stamps", split, classes, [classes.index(c) for _, c in files],
+                        lambda i: _composite(files[i][0]),
+                        f"stamps: {len(files)} photo cut-outs of Debian's tuxpaint-stamps-default (GPL-2) on grey")
+
+
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as fh:
         data = fh.read()
@@ -309,8 +360,8 @@ def open_dataset(spec: str, split: str = "test", *, transform: Callable[[Image.I
     """Open a data source by its ``--data`` spec.
 
     Args:
-        spec: ``samples``, ``textures``, ``fashion-mnist``, ``fashion-mnist-subset`` or a directory path.
-        split: ``train``, ``test`` or ``all`` (``samples`` has one split and ignores it).
+        spec: ``samples``, ``stamps``, ``textures``, ``fashion-mnist``, ``fashion-mnist-subset`` or a directory path.
+        split: ``train``, ``test`` or ``all`` (``samples`` and ``stamps`` have one split and ignore it).
         transform: Applied to each PIL RGB image (e.g. :func:`eval_transform`).
         seed: Seeds the texture crops and the 80/20 split of a folder without split subfolders.
         texture_crop: Side of the texture crops in pixels.
@@ -320,12 +371,14 @@ def open_dataset(spec: str, split: str = "test", *, transform: Callable[[Image.I
         The dataset.
 
     Raises:
-        ToolkitError: Unknown source or split, or a directory without readable images.
+        ToolkitError: Unknown source or split, a directory without readable images, or ``stamps`` not installed.
     """
     if split not in SPLITS:
         raise ToolkitError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     if spec == "samples":
         ds = _samples(split)
+    elif spec == "stamps":
+        ds = _stamps(split)
     elif spec == "textures":
         ds = _textures(split, texture_crop, texture_per_class, seed)
     elif spec in ("fashion-mnist", "fashion-mnist-subset"):
