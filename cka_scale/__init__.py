@@ -24,6 +24,7 @@ _EXPORTS = {
     "resolve_device": "scale_common.device",
     "ToolkitError": "scale_common.errors",
     "DegenerateCKAWarning": "cka_scale.functional",
+    "angular_cka": "cka_scale.functional",
     "cka_id": "cka_scale.functional",
     "cka_matrix": "cka_scale.functional",
     "gram": "cka_scale.functional",
@@ -53,6 +54,7 @@ __all__ = [
     "ToolkitError",
     "__version__",
     "analyze",
+    "angular_cka",
     "cka_id",
     "cka_matrix",
     "eval_transform",
@@ -80,6 +82,7 @@ if TYPE_CHECKING:
     from cka_scale.data import DATA_SOURCES, ImageDataset, eval_transform, open_dataset, sample_path, sample_photos
     from cka_scale.functional import (
         DegenerateCKAWarning,
+        angular_cka,
         cka_id,
         cka_matrix,
         gram,

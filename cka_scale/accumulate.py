@@ -40,23 +40,26 @@ DEFAULT_BUCKETS = 20
 MIN_MINIBATCHES = 8
 
 
-def minibatch_size(images: int, batch_size: int, min_batch: int, target: int = MIN_MINIBATCHES) -> int:
+def minibatch_size(images: int, batch_size: int, unbiased: bool = True, target: int = MIN_MINIBATCHES) -> int:
     """The HSIC minibatch size for ``images`` images: ``batch_size``, made smaller when that gives < ``target`` groups.
 
     With 256 images and batches of 64 there would be 4 minibatches, too few for a jackknife interval; this returns
-    ``images // target`` instead (32: eight minibatches), never below ``min_batch`` (the estimator's minimum). Smaller
-    minibatches make the minibatch CKA a little noisier, which the interval then shows.
+    ``images // target`` instead (32: eight minibatches), never below 4. Smaller minibatches make the minibatch CKA a
+    little noisier, which the interval then shows. The biased estimator keeps ``batch_size``: its bias grows as the
+    minibatch shrinks.
 
     Args:
         images: Images in the stream.
         batch_size: The largest minibatch wanted (``--batch-size``).
-        min_batch: The smallest the estimator allows (4 for unbiased HSIC).
+        unbiased: Whether HSIC is the unbiased estimator.
         target: Minibatches wanted at least.
 
     Returns:
         The minibatch size.
     """
-    return max(min_batch, min(batch_size, images // max(1, target)))
+    if not unbiased:
+        return batch_size
+    return max(min(4, batch_size), min(batch_size, images // max(1, target)))
 
 
 class Jackknife(NamedTuple):

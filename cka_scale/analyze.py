@@ -119,7 +119,7 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
         if how == "overlapping":
             notes.append(f"{cfg.repeats} draws of {count} among {len(dataset)} images overlap: the interval of their "
                          "mean is that of one draw (conservative)")
-        minibatch = minibatch_size(count, cfg.batch_size, min_batch)
+        minibatch = minibatch_size(count, cfg.batch_size, cfg.unbiased)
         batches = plan_batches(count, minibatch, min_batch)
         mine = batches[ctx.rank::ctx.world_size]
         acc.place(ctx.rank, ctx.world_size)

@@ -6,7 +6,10 @@ References:
     Kornblith, Norouzi, Lee & Hinton 2019, "Similarity of Neural Network Representations Revisited" (CKA; the RBF
     bandwidth sigma = threshold * sqrt(median squared distance)). Gretton, Bousquet, Smola & Schoelkopf 2005 (biased
     HSIC). Song, Smola, Gretton, Bedo & Borgwardt 2012, JMLR 13, eq. 5 (unbiased HSIC). Nguyen, Raghu & Kornblith 2021,
-    "Do Wide and Deep Networks Learn the Same Things?" (all pairs from stacked Grams; minibatch CKA).
+    "Do Wide and Deep Networks Learn the Same Things?" (all pairs from stacked Grams; minibatch CKA). Williams, Kunz,
+    Kornblith & Linderman 2021, "Generalized Shape Metrics on Neural Representations" (arccos of CKA, a metric).
+    Cloos, Siegel, Brincat, Miller & Cueva 2024, "Differentiable Optimization of Similarity Scores Between Models and
+    Brains" and its similarity-repository (the estimator ids, e.g. ``cka-kernel=linear-hsic=song-score``).
 
 Numerics: features are centred over the samples before any Gram or distance is formed; Grams are formed in the input
 dtype on its device; every HSIC sum is accumulated in float64, reading the Grams in row blocks cast to float64. A
@@ -29,6 +32,8 @@ from scale_common.errors import ToolkitError
 __all__ = [
     "KERNELS",
     "DegenerateCKAWarning",
+    "angular_cka",
+    "angular_distance",
     "cka_from_hsic",
     "cka_id",
     "cka_matrix",
@@ -40,6 +45,7 @@ __all__ = [
     "hsic_matrix",
     "linear_cka",
     "list_kernels",
+    "parse_cka_id",
     "rbf_cka",
 ]
 
@@ -356,20 +362,100 @@ def rbf_cka(x: Tensor, y: Tensor, *, threshold: float = 1.0, unbiased: bool = Fa
     return _pair(x, y, "rbf", unbiased, threshold)
 
 
-def cka_id(kernel: str, unbiased: bool, threshold: float = 1.0) -> str:
-    """Identifier of an estimator for reports, in the style of similarity-repository.
+def cka_id(kernel: str, unbiased: bool, threshold: float = 1.0, *, angular: bool = False) -> str:
+    """Identifier of an estimator, following the similarity-repository convention (Cloos et al. 2024).
+
+    ``hsic=song`` is the unbiased HSIC of Song et al. 2012, ``hsic=gretton`` the biased one of Gretton et al. 2005;
+    the RBF kernel carries its median-distance bandwidth threshold as ``(rbf-threshold=T)`` (the
+    ``rbf-threshold={threshold}`` kernel of Kornblith et al.'s code in that repository); ``-score`` is CKA itself and
+    ``-distance=angular`` its arccos.
 
     Args:
         kernel: A name from :func:`list_kernels`.
         unbiased: Whether HSIC is the unbiased estimator.
         threshold: RBF bandwidth threshold (not part of a linear id).
+        angular: Name the angular distance arccos(CKA) instead of the score.
 
     Returns:
-        E.g. ``"cka-kernel=linear-hsic=unbiased"`` or ``"cka-kernel=rbf(median,threshold=0.5)-hsic=biased"``.
+        E.g. ``"cka-kernel=linear-hsic=song-score"`` or ``"cka-kernel=(rbf-threshold=0.5)-hsic=gretton-score"``.
 
     Raises:
         ToolkitError: Unknown kernel.
     """
     _kernel(kernel)
-    name = kernel if kernel == "linear" else f"{kernel}(median,threshold={threshold:g})"
-    return f"cka-kernel={name}-hsic={'unbiased' if unbiased else 'biased'}"
+    name = kernel if kernel == "linear" else f"({kernel}-threshold={threshold:g})"
+    return f"cka-kernel={name}-hsic={'song' if unbiased else 'gretton'}-{'distance=angular' if angular else 'score'}"
+
+
+def parse_cka_id(text: str) -> tuple[str, bool, float]:
+    """Kernel, unbiasedness and threshold from an estimator id: today's (:func:`cka_id`) or that of older reports.
+
+    Older reports wrote ``cka-kernel=linear-hsic=unbiased`` and ``cka-kernel=rbf(median,threshold=0.5)-hsic=biased``.
+
+    Args:
+        text: The ``estimator`` field of a report.
+
+    Returns:
+        ``(kernel, unbiased, threshold)``; the threshold is 1.0 for a linear kernel.
+
+    Raises:
+        ToolkitError: Not a CKA estimator id of either form.
+    """
+    import re
+
+    new = re.fullmatch(r"cka-kernel=(linear|\((\w+)-threshold=([0-9.eE+-]+)\))-hsic=(song|gretton)"
+                       r"(?:-score|-distance=angular)?", text)
+    old = re.fullmatch(r"cka-kernel=(linear|(\w+)\(median,threshold=([0-9.eE+-]+)\))-hsic=(unbiased|biased)", text)
+    match = new or old
+    if match is None:
+        raise ToolkitError(f"{text!r} is not a CKA estimator id (e.g. {cka_id('linear', True)!r})")
+    kernel = "linear" if match.group(1) == "linear" else match.group(2)
+    threshold = 1.0 if kernel == "linear" else float(match.group(3))
+    _kernel(kernel)
+    return kernel, match.group(4) in ("song", "unbiased"), threshold
+
+
+def angular_distance(cka: Tensor) -> Tensor:
+    """The angular CKA distance ``arccos(CKA)`` in radians, elementwise (Williams et al. 2021).
+
+    CKA is the cosine of the angle between two centred Gram matrices (in the Frobenius inner product; for the
+    unbiased estimator, the U-centred one), so the angle is a metric on representations up to the invariances of
+    CKA: it is symmetric, zero for identical representations, and obeys the triangle inequality, which CKA itself
+    and ``1 - CKA`` do not. Values a finite-sample estimate puts just outside [-1, 1] are clipped first; NaN stays NaN.
+
+    Args:
+        cka: CKA values of any shape, e.g. from :func:`cka_matrix`.
+
+    Returns:
+        Angles in [0, pi] with the shape and dtype of ``cka``.
+
+    Example:
+        >>> round(float(angular_distance(torch.tensor(0.5))), 6)  # pi / 3
+        1.047198
+    """
+    return torch.arccos(cka.clamp(-1.0, 1.0))
+
+
+def angular_cka(x: Tensor, y: Tensor, *, kernel: str = "linear", unbiased: bool = False,
+                threshold: float = 1.0) -> Tensor:
+    """The angular CKA distance ``arccos(CKA(x, y))`` between two feature tensors (a metric; Williams et al. 2021).
+
+    Args:
+        x: Features ``(n, ...)``; trailing dimensions are flattened.
+        y: Features ``(n, ...)`` with the same samples.
+        kernel: A name from :func:`list_kernels`.
+        unbiased: Use the unbiased HSIC of Song et al. 2012 (needs n >= 4).
+        threshold: RBF bandwidth threshold.
+
+    Returns:
+        A float64 0-dim tensor in [0, pi].
+
+    Raises:
+        ToolkitError: Unknown kernel, mismatched sample counts, too few samples, NaN/Inf features.
+
+    Example:
+        >>> x = torch.randn(32, 8)
+        >>> float(angular_cka(x, 2 * x)) < 1e-6
+        True
+    """
+    return angular_distance(_pair(x, y, kernel, unbiased, threshold))

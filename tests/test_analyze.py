@@ -40,14 +40,18 @@ def test_report_shape_and_identities(report):
 def test_report_json_has_the_documented_fields(report, tmp_path):
     report.save(tmp_path)
     data = json.loads((tmp_path / "report.json").read_text())
-    for key in ("model", "weights", "scales", "reference", "config", "layers", "estimator", "data", "images"):
+    for key in ("model", "weights", "scales", "reference", "config", "layers", "estimator", "data", "images",
+                "minibatches", "hsic_minibatch", "draws"):
         assert key in data
     layer = data["layers"][0]
-    assert set(layer) >= {"name", "reduction", "cka", "cka_std"}
+    assert set(layer) >= {"name", "reduction", "cka", "cka_std", "ci95"}
+    low, high = layer["ci95"]["32"]
+    assert low <= layer["cka"]["32"] <= high
     assert set(layer["cka"]) == {"32", "64"} and layer["cka"]["64"] == pytest.approx(1.0, abs=1e-6)
-    assert data["config"]["images"] == 16 and data["estimator"] == "cka-kernel=linear-hsic=unbiased"
+    assert data["config"]["images"] == 16 and data["estimator"] == "cka-kernel=linear-hsic=song-score"
     loaded = load_report(tmp_path)
     np.testing.assert_array_equal(loaded.cka_runs, report.cka_runs)
+    np.testing.assert_array_equal(loaded.cka_interval, report.cka_interval)
     assert loaded.layers == report.layers and loaded.scales == report.scales
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
 

@@ -273,8 +273,8 @@ def test_bad_input_errors_name_the_input():
 
 def test_registry_and_ids():
     assert list_kernels() == ["linear", "rbf"] == sorted(F.KERNELS)
-    assert cka_id("linear", True) == "cka-kernel=linear-hsic=unbiased"
-    assert cka_id("rbf", False, 0.5) == "cka-kernel=rbf(median,threshold=0.5)-hsic=biased"
+    assert cka_id("linear", True) == "cka-kernel=linear-hsic=song-score"  # similarity-repository convention
+    assert cka_id("rbf", False, 0.5) == "cka-kernel=(rbf-threshold=0.5)-hsic=gretton-score"
     with pytest.raises(ToolkitError, match="choose one of linear, rbf"):
         cka_id("poly", True)
 
