@@ -141,10 +141,13 @@ def test_repeats_combine_into_a_narrower_interval():
     rep = analyze(AnalyzeConfig(model="test_resnet", images=32, batch_size=8, repeats=3, **FAST), progress=False)
     assert rep.meta["draws"] == "disjoint" and rep.dof == [7, 7, 7]  # 8 minibatches of 4
     low, high = rep.interval(32)
-    one = Report(rep.model, rep.weights, rep.scales, rep.reference, rep.layers, rep.cka_runs[:1], rep.config,
-                 rep.meta, rep.cka_se_runs[:1], rep.dof[:1])
-    low1, high1 = one.interval(32)
-    assert np.all(high - low < high1 - low1)  # three disjoint draws: se / sqrt(3) and more degrees of freedom
+    singles = [Report(rep.model, rep.weights, rep.scales, rep.reference, rep.layers, rep.cka_runs[i:i + 1],
+                      rep.config, rep.meta, rep.cka_se_runs[i:i + 1], rep.dof[i:i + 1]).interval(32) for i in range(3)]
+    widest = np.max([h - lo for lo, h in singles], axis=0)
+    assert np.all(high - low < widest)  # three disjoint draws: se / sqrt(3) of their pooled se, more dof
+    se = np.sqrt((rep.cka_se_runs ** 2).sum(0)) / 3  # the documented rule
+    s, r, diag = rep.scales.index(32), rep.scales.index(64), np.arange(len(rep.layers))
+    np.testing.assert_allclose(high - low, 2 * 2.0796 * se[r, diag, s, diag], rtol=1e-4)  # t_0.975(21) = 2.0796
     assert np.all(low <= rep.sensitivity(32)[0]) and np.all(rep.sensitivity(32)[0] <= high)
 
 
