@@ -14,6 +14,7 @@ from PIL import Image
 from cka_scale import ToolkitError
 from cka_scale.analyze import AnalyzeConfig, analyze, plan_batches
 from cka_scale.cli import main
+from cka_scale.functional import parse_cka_id
 from cka_scale.report import load_report
 
 FAST = dict(weights="none", data="textures", images=16, batch_size=8, scales=(32, 64), device="cpu")
@@ -78,7 +79,7 @@ def test_native_mode_compares_different_spatial_sizes():
 def test_other_estimators_run(kernel, unbiased, spatial):
     rep = analyze(AnalyzeConfig(model="test_convnext", kernel=kernel, unbiased=unbiased, spatial=spatial, **FAST),
                   progress=False)
-    assert rep.meta["estimator"].startswith(f"cka-kernel={kernel}")
+    assert parse_cka_id(rep.meta["estimator"])[:2] == (kernel, unbiased)
     assert np.isfinite(rep.cka_mean).all()
 
 
