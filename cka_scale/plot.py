@@ -56,22 +56,31 @@ def _width(count: int) -> float:
 
 
 def _boundaries(reductions: Sequence[object]) -> list[int]:
-    """Indices where a new stage starts: the reduction changes from the layer before (both known)."""
-    return [i for i in range(1, len(reductions))
-            if reductions[i] is not None and reductions[i - 1] is not None and reductions[i] != reductions[i - 1]]
+    """Indices where a new stage starts: the first layer whose reduction exceeds every reduction before it.
+
+    A running maximum, so a block whose shortcut branch runs ahead of its main branch marks one boundary, not three.
+    """
+    starts, most = [], None
+    for i, r in enumerate(reductions):
+        if isinstance(r, int | float):
+            if most is not None and r > most:
+                starts.append(i)
+            most = r if most is None else max(most, r)
+    return starts
 
 
 def _tick_indices(count: int, boundaries: Sequence[int], limit: int = _MAX_LABELS) -> list[int]:
-    """At most ``limit`` layer indices to label: every one if few, else the stage starts plus evenly spaced ones."""
+    """At most ``limit`` layer indices to label: every one if few, else stage starts plus evenly spaced ones.
+
+    Labels closer than 3/4 of the even spacing to one already chosen are skipped, so names never overlap.
+    """
     if count <= limit:
         return list(range(count))
-    chosen = set([0, count - 1, *boundaries][:limit])
-    step = max(1, round(count / max(1, limit - len(chosen))))
-    for i in range(0, count, step):
-        if len(chosen) >= limit:
-            break
-        if all(abs(i - j) >= step // 2 for j in chosen):
-            chosen.add(i)
+    step = max(1, round(count / limit))
+    chosen: list[int] = []
+    for i in [0, *boundaries, count - 1, *range(0, count, step)]:
+        if len(chosen) < limit and all(abs(i - j) >= max(1, round(0.75 * step)) for j in chosen):
+            chosen.append(i)
     return sorted(chosen)
 
 
@@ -99,15 +108,17 @@ def plot_sensitivity(report: Report, stem: str | Path) -> list[Path]:
     ax = fig.add_subplot()
     x = np.arange(len(report.layers))
     marker = "o" if len(report.layers) <= 60 else None
+    bottom = 0.0
     for color, scale in zip(_palette(len(others)), others, strict=True):
         mean, _ = report.sensitivity(scale)
         low, high = report.interval(scale)
+        bottom = min(bottom, float(np.nanmin(np.concatenate([mean, low]))))
         ax.plot(x, mean, marker=marker, ms=3.5, color=color, label=f"{scale}px vs {report.reference}px")
         if np.isfinite(low).any():
             ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
     _layer_axis(ax, report.layer_names, [layer.get("reduction") for layer in report.layers])
     ax.set_ylabel("CKA with the same layer at the reference")
-    ax.set_ylim(min(0.0, float(np.nanmin(report.cka_mean))), 1.02)
+    ax.set_ylim(bottom, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="input scale (band: 95% interval)", title_fontsize=8)
     ax.set_title(_title(report), fontsize=9)

@@ -244,3 +244,22 @@ def test_installed_stamps_hold_at_least_200_photos():
     ds = data_module.open_dataset("stamps")
     assert len(ds) >= 200 and len(ds.classes) >= 10
     assert all(c.split("/")[0] in data_module.STAMP_GROUPS for c in ds.classes)
+
+
+@pytest.mark.slow
+def test_every_layer_of_a_resnet50_with_figures_stays_under_3_gb(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "cka_scale", "analyze", "resnetv2_50", "--layers", "all", "--scales", "64,128",
+            "--weights", "none", "--data", "textures", "--images", "8", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib < 3 * 1024 * 1024 or before >= 3 * 1024 * 1024, peak_kib  # was 23.7 GB (killed)
+    assert len(json.loads((tmp_path / "report.json").read_text())["layers"]) >= 180
+    with Image.open(tmp_path / "heatmap_64.png") as img:
+        assert img.width <= 150 * MAX_FIGURE_INCHES[0] + 300
