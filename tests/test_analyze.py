@@ -195,6 +195,7 @@ def test_two_processes_give_the_single_process_report(tmp_path):
     one, two = load_report(tmp_path / "one"), load_report(tmp_path / "two")
     assert (one.meta["world_size"], two.meta["world_size"]) == (1, 2)
     np.testing.assert_allclose(two.cka_runs, one.cka_runs, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(two.cka_interval, one.cka_interval, rtol=0, atol=1e-10)  # same jackknife buckets
 
 
 TINY_AND_REAL = [("test_byobnet", 64)] + [
