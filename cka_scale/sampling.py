@@ -26,6 +26,7 @@ BIASED_RATIO = 10
 _BIGGER = ("more --images, or a bigger --data source (--data stamps after `make data`, --data textures, "
            "or a folder of your own images)")
 
+
 def draw_subsets(size: int, count: int, repeats: int, seed: int,
                  what: str = "the source") -> tuple[list[list[int]], str]:
     """Index lists of ``repeats`` different draws of ``count`` among ``size`` images, and how they relate.
@@ -79,8 +80,8 @@ def sample_notes(report: Report, cfg: AnalyzeConfig, minibatch: int) -> list[str
               for lo, hi, name in zip(*report.interval(s), report.layer_names, strict=True)]
     finite = [w for w in widths if np.isfinite(w[0])]
     if len(finite) < len(widths):
-        notes.append(f"no 95% interval for some CKA values ({report.meta['minibatches']} HSIC minibatches; the "
-                     f"jackknife needs 3 or more): use {_BIGGER}")
+        notes.append(f"no 95% interval for {len(widths) - len(finite)} of {len(widths)} CKA values "
+                     f"({report.meta['minibatches']} HSIC minibatches; the jackknife needs 3 or more): use {_BIGGER}")
     if finite and max(finite)[0] > MAX_WIDTH:
         width, name, scale = max(finite)
         notes.append(f"the widest 95% interval is {width:.2f} ({name} at {scale}px), wider than {MAX_WIDTH}: "
