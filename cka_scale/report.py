@@ -140,7 +140,7 @@ class Report:
     def summary_table(self) -> str:
         """A plain-text table: one row per layer, one column per scale: CKA and its 95% interval in brackets."""
         others = [s for s in self.scales if s != self.reference]
-        head = f"{'layer':<28} {'red.':>4} " + " ".join(f"{f'{s}px':>19}" for s in others)
+        head = f"{'layer':<28} {'red.':>4} " + " ".join(f"{f'{s}px':>20}" for s in others)
         minibatches = self.meta.get("minibatches")
         basis = (f"{self.meta.get('images', '?')} images" + (f", {minibatches} HSIC minibatches" if minibatches else "")
                  + (f", mean of {self.cka_runs.shape[0]} draws" if self.cka_runs.shape[0] > 1 else ""))
@@ -151,8 +151,8 @@ class Report:
             cells = []
             for s in others:
                 mean, low, high = stats[s]
-                cell = f"{mean[i]:.3f}" + ("" if np.isnan(low[i]) else f" [{low[i]:.2f},{high[i]:.2f}]")
-                cells.append(f"{cell:>19}")
+                cell = f"{mean[i]:.3f}" + ("" if np.isnan(low[i]) else f" [{low[i]:.3f},{high[i]:.3f}]")
+                cells.append(f"{cell:>20}")
             red = layer.get("reduction")
             lines.append(f"{layer['name'][:28]:<28} {'' if red is None else red:>4} " + " ".join(cells))
         return "\n".join(lines)
