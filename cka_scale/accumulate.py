@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from cka_scale import functional as F
+from scale_common.device import require_float64
 from scale_common.errors import ToolkitError
 
 __all__ = ["CKAAccumulator"]
@@ -76,6 +77,7 @@ class CKAAccumulator:
             raise ToolkitError(f"the RBF threshold must be a positive number, got {threshold!r}")
         self.kernel, self.threshold, self.unbiased, self.shape = kernel, float(threshold), bool(unbiased), shape
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        require_float64(self.device, "CKAAccumulator")
         self.reset()
 
     @property

@@ -9,7 +9,8 @@ Kernels are registered by name in :data:`KERNELS`; :mod:`cka_scale.functional` t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from scale_common.errors import ToolkitError
 
-__all__ = ["KERNELS", "flatten_features", "gram", "gram_linear", "gram_rbf", "list_kernels"]
+__all__ = ["KERNELS", "flatten_features", "gram", "gram_linear", "gram_rbf", "list_kernels", "true_float32"]
 
 def flatten_features(x: Tensor) -> Tensor:
     """Flatten the trailing dimensions of ``x`` per sample: ``(n, ...)`` -> ``(n, d)``; ``(n,)`` -> ``(n, 1)``.
@@ -37,8 +38,13 @@ def flatten_features(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def _prepare(x: Tensor, label: str) -> Tensor:
-    """Flatten, upcast half precision and integers to float32, reject complex and non-finite values."""
+def _prepare(x: Tensor, label: str, check: bool = True) -> Tensor:
+    """Flatten, upcast half precision and integers to float32, reject complex and (with ``check``) non-finite values.
+
+    ``check=False`` skips the finiteness test, a pass over ``x`` and a host-device synchronisation: the capture hooks
+    use it, because a NaN or Inf anywhere in ``x`` makes its Gram non-finite, and the accumulator tests every Gram
+    of a batch at once (one synchronisation per batch whatever the layer count).
+    """
     if not isinstance(x, Tensor):
         raise ToolkitError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_complex():
@@ -48,36 +54,83 @@ def _prepare(x: Tensor, label: str) -> Tensor:
         x = x.to(torch.float32)
     if x.shape[0] == 0:
         raise ToolkitError(f"{label} has no samples")
-    if not bool(torch.isfinite(x).all()):
+    if check and not bool(torch.isfinite(x).all()):
         raise ToolkitError(f"{label} contains NaN or Inf")
     return x
 
 
-def _centre(x: Tensor) -> Tensor:
-    """Subtract the sample mean; shifting by the first sample first makes a constant column exactly zero."""
-    x = x - x[:1]
-    return x - x.mean(dim=0, keepdim=True)
+def _centre(x: Tensor, owned: bool = False) -> Tensor:
+    """Subtract the sample mean; shifting by the first sample first makes a constant column exactly zero.
+
+    Costs at most one full-size copy of ``x``: the shifted copy is centred in place (the mean is one row). With
+    ``owned`` (``x`` is already a private copy, e.g. upcast from half precision) and no autograd, not even that.
+    """
+    if owned and not x.requires_grad:
+        return x.sub_(x[:1].clone()).sub_(x.mean(dim=0, keepdim=True))
+    xc = x - x[:1]
+    return xc.sub_(xc.mean(dim=0, keepdim=True))
 
 
-def _linear_kernel(x: Tensor, threshold: float, label: str) -> Tensor:
+@contextmanager
+def true_float32() -> Iterator[None]:
+    """Run float32 matmuls in full IEEE float32 inside the block (no TF32 or bf16 passes), then restore the setting.
+
+    ``torch.set_float32_matmul_precision("high")`` (or ``allow_tf32 = True``) makes CUDA GEMMs round their inputs to
+    TF32's 10-bit mantissa; a Gram formed so loses about three decimal digits. The setting is a process-wide flag read
+    when a kernel is launched, so switching it around the Gram GEMM leaves the model's own layers as the user set them.
+    """
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _features(x: Tensor, label: str, check: bool) -> Tensor:
+    """Prepared and centred features, with at most one full-size copy of ``x``."""
+    prepared = _prepare(x, label, check)
+    owned = prepared.data_ptr() != x.data_ptr() if isinstance(x, Tensor) else False
+    return _centre(prepared, owned=owned)
+
+
+def _linear_kernel(x: Tensor, threshold: float, label: str, check: bool = True) -> Tensor:
     """Registry entry for ``linear`` (``threshold`` does not apply)."""
-    xc = _centre(_prepare(x, label))
-    return xc @ xc.T
+    xc = _features(x, label, check)
+    with true_float32():
+        return xc @ xc.T
 
 
-def _rbf_kernel(x: Tensor, threshold: float, label: str) -> Tensor:
-    """Registry entry for ``rbf``: Kornblith's median rule on squared distances between centred samples."""
+def _rbf_kernel(x: Tensor, threshold: float, label: str, check: bool = True) -> Tensor:
+    """Registry entry for ``rbf``: Kornblith's median rule on squared distances between centred samples.
+
+    Off the CPU the median stays on the device (no synchronisation); the sigma -> 0 limit is then chosen elementwise.
+    """
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
         raise ToolkitError(f"the RBF threshold must be a positive number, got {threshold!r}")
-    xc = _centre(_prepare(x, label))
-    d = xc @ xc.T
+    xc = _features(x, label, check)
+    with true_float32():
+        d = xc @ xc.T
+    del xc
     sq = d.diagonal().clone()
     # -2 g_ij + g_ii + g_jj: the diagonal comes out exactly 0; a rounding residue below 0 is set to 0, as d^2 >= 0.
     d.mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0)
     median = _median_of_all(d)
-    if median == 0:  # sigma -> 0 limit: 1 where samples coincide, else 0 (all ones for constant features)
-        return (d == 0).to(d.dtype)
-    return d.mul_(-1.0 / (2.0 * threshold**2 * median)).exp_()
+    if not isinstance(median, Tensor):
+        if median == 0:  # sigma -> 0 limit: 1 where samples coincide, else 0 (all ones for constant features)
+            return (d == 0).to(d.dtype)
+        return d.mul_(-1.0 / (2.0 * threshold**2 * median)).exp_()
+    zero = median == 0
+    limit = (d == 0).to(d.dtype)
+    safe = torch.where(zero, torch.ones_like(median), median)
+    return torch.where(zero, limit, d.mul(-1.0 / (2.0 * threshold**2)).div(safe).exp())
+
+
+# Devices whose order statistics NumPy computes (introselect, no device to wait for); elsewhere they stay on the device.
+_HOST_SELECT = ("cpu",)
 
 
 @lru_cache(maxsize=2)
@@ -103,7 +156,7 @@ def _median_of_all(d: Tensor) -> float | Tensor:
     if upper_pos:
         index = _upper_index(n, d.device)
         u = d.detach().reshape(-1).take(index)
-        select = _select_numpy if u.device.type == "cpu" else _select_torch
+        select = _select_numpy if u.device.type in _HOST_SELECT else _select_torch
         values = dict(zip(upper_pos, select(u, upper_pos), strict=True))
         if d.requires_grad:
             flat = d.reshape(-1)
@@ -118,17 +171,22 @@ def _select_numpy(u: Tensor, positions: list[int]) -> list[float]:
     return [float(part[j]) for j in positions]
 
 
-def _select_torch(u: Tensor, positions: list[int]) -> list[float]:
-    """Order statistics at one or two adjacent positions, on any device: one selection plus one masked minimum."""
+def _select_torch(u: Tensor, positions: list[int]) -> list[Tensor]:
+    """Order statistics at one or two adjacent positions, as 0-dim tensors on ``u``'s device (no synchronisation).
+
+    One selection, then the next position is a tie with it or the smallest value above it (a masked minimum).
+    """
     low = torch.kthvalue(u, positions[0] + 1).values
-    out = [float(low)]
-    if len(positions) == 2:  # the next one is a tie with `low`, or the smallest value above it
-        out.append(float(low) if int((u <= low).sum()) > positions[1] else float(u[u > low].min()))
+    out = [low]
+    if len(positions) == 2:
+        above = torch.where(u > low, u, torch.full_like(u, math.inf)).min()
+        out.append(torch.where((u <= low).sum() > positions[1], low, above))
     return out
 
 
-KERNELS: dict[str, Callable[[Tensor, float, str], Tensor]] = {"linear": _linear_kernel, "rbf": _rbf_kernel}
-"""Kernel name -> implementation, called as ``fn(x, threshold, label)``; ``label`` names ``x`` in error messages."""
+KERNELS: dict[str, Callable[..., Tensor]] = {"linear": _linear_kernel, "rbf": _rbf_kernel}
+"""Kernel name -> implementation, called as ``fn(x, threshold, label, check=True)``; ``label`` names ``x`` in error
+messages; ``check=False`` leaves the finiteness test to the caller (see :func:`_prepare`)."""
 
 
 def list_kernels() -> list[str]:
@@ -136,7 +194,7 @@ def list_kernels() -> list[str]:
     return sorted(KERNELS)
 
 
-def _kernel(name: str) -> Callable[[Tensor, float, str], Tensor]:
+def _kernel(name: str) -> Callable[..., Tensor]:
     if name not in KERNELS:
         raise ToolkitError(f"unknown kernel {name!r}: choose one of {', '.join(list_kernels())}")
     return KERNELS[name]
