@@ -38,13 +38,8 @@ def flatten_features(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def _prepare(x: Tensor, label: str, check: bool = True) -> Tensor:
-    """Flatten, upcast half precision and integers to float32, reject complex and (with ``check``) non-finite values.
-
-    ``check=False`` skips the finiteness test, a pass over ``x`` and a host-device synchronisation: the capture hooks
-    use it, because a NaN or Inf anywhere in ``x`` makes its Gram non-finite, and the accumulator tests every Gram
-    of a batch at once (one synchronisation per batch whatever the layer count).
-    """
+def _prepare(x: Tensor, label: str) -> Tensor:
+    """Flatten, upcast half precision and integers to float32, reject complex values and empty batches."""
     if not isinstance(x, Tensor):
         raise ToolkitError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_complex():
@@ -54,9 +49,18 @@ def _prepare(x: Tensor, label: str, check: bool = True) -> Tensor:
         x = x.to(torch.float32)
     if x.shape[0] == 0:
         raise ToolkitError(f"{label} has no samples")
-    if check and not bool(torch.isfinite(x).all()):
-        raise ToolkitError(f"{label} contains NaN or Inf")
     return x
+
+
+def _check_finite(g: Tensor, label: str) -> None:
+    """Reject a non-finite Gram: a NaN or Inf anywhere in the features makes their centred Gram non-finite.
+
+    Testing the n x n Gram instead of the n x d features costs no pass over the activation and no temporary of its
+    size (``isfinite`` on a float32 map allocates 1.75 copies of it). The capture hooks skip even this (``check=False``,
+    no host-device synchronisation per layer): the accumulator tests all Grams of a batch at once.
+    """
+    if not bool(torch.isfinite(g).all()):
+        raise ToolkitError(f"{label} contains NaN or Inf (or its Gram overflows {g.dtype}: cast it to float64)")
 
 
 def _centre(x: Tensor, owned: bool = False) -> Tensor:
@@ -90,18 +94,21 @@ def true_float32() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _features(x: Tensor, label: str, check: bool) -> Tensor:
+def _features(x: Tensor, label: str) -> Tensor:
     """Prepared and centred features, with at most one full-size copy of ``x``."""
-    prepared = _prepare(x, label, check)
+    prepared = _prepare(x, label)
     owned = prepared.data_ptr() != x.data_ptr() if isinstance(x, Tensor) else False
     return _centre(prepared, owned=owned)
 
 
 def _linear_kernel(x: Tensor, threshold: float, label: str, check: bool = True) -> Tensor:
     """Registry entry for ``linear`` (``threshold`` does not apply)."""
-    xc = _features(x, label, check)
+    xc = _features(x, label)
     with true_float32():
-        return xc @ xc.T
+        g = xc @ xc.T
+    if check:
+        _check_finite(g, label)
+    return g
 
 
 def _rbf_kernel(x: Tensor, threshold: float, label: str, check: bool = True) -> Tensor:
@@ -111,20 +118,23 @@ def _rbf_kernel(x: Tensor, threshold: float, label: str, check: bool = True) -> 
     """
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
         raise ToolkitError(f"the RBF threshold must be a positive number, got {threshold!r}")
-    xc = _features(x, label, check)
+    xc = _features(x, label)
     with true_float32():
         d = xc @ xc.T
     del xc
+    if check:
+        _check_finite(d, label)
     sq = d.diagonal().clone()
     # -2 g_ij + g_ii + g_jj: the diagonal comes out exactly 0; a rounding residue below 0 is set to 0, as d^2 >= 0.
     d.mul_(-2).add_(sq[:, None]).add_(sq[None, :]).clamp_min_(0)
     median = _median_of_all(d)
+    # sigma -> 0 limit: 1 where samples coincide, else 0 (all ones for constant features); d * 0 keeps a NaN a NaN
     if not isinstance(median, Tensor):
-        if median == 0:  # sigma -> 0 limit: 1 where samples coincide, else 0 (all ones for constant features)
-            return (d == 0).to(d.dtype)
+        if median == 0:
+            return (d == 0).to(d.dtype).add_(d.mul(0))
         return d.mul_(-1.0 / (2.0 * threshold**2 * median)).exp_()
     zero = median == 0
-    limit = (d == 0).to(d.dtype)
+    limit = (d == 0).to(d.dtype).add_(d.mul(0))
     safe = torch.where(zero, torch.ones_like(median), median)
     return torch.where(zero, limit, d.mul(-1.0 / (2.0 * threshold**2)).div(safe).exp())
 
@@ -186,7 +196,7 @@ def _select_torch(u: Tensor, positions: list[int]) -> list[Tensor]:
 
 KERNELS: dict[str, Callable[..., Tensor]] = {"linear": _linear_kernel, "rbf": _rbf_kernel}
 """Kernel name -> implementation, called as ``fn(x, threshold, label, check=True)``; ``label`` names ``x`` in error
-messages; ``check=False`` leaves the finiteness test to the caller (see :func:`_prepare`)."""
+messages; ``check=False`` leaves the finiteness test to the caller (see :func:`_check_finite`)."""
 
 
 def list_kernels() -> list[str]:
