@@ -75,7 +75,7 @@ def _grams(xs: Sequence[Tensor], kernel: str, threshold: float, labels: Sequence
         if x.device != xs[0].device:
             raise ToolkitError(f"{label} is on {x.device} but {labels[0]} is on {xs[0].device}: move them together")
     _check_samples(n0, unbiased, labels[0])
-    return [fn(x, threshold, label) for x, label in zip(xs, labels, strict=True)]
+    return [fn(x, threshold, label, centred=False) for x, label in zip(xs, labels, strict=True)]  # HSIC: no need
 
 
 class _Terms(NamedTuple):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.models import group_modules
 from torch import nn
 
-from cka_scale.kernels import _kernel
+from cka_scale.kernels import _double_centre, _kernel
 from scale_common.errors import ToolkitError
 
 __all__ = ["LayerInfo", "capture_grams", "parse_spatial", "select_layers", "trace_layers"]
@@ -333,7 +333,8 @@ def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[
                 raise ToolkitError(f"layer {name!r}: a batch of {tensor.shape[0]} does not split into {splits} groups")
             with torch.no_grad():  # float32/float64 kept as they are; half precision is upcast by the kernel
                 features = reduce(tensor.detach())
-                grams[name] = [fn(part, threshold, name, check=False) for part in features.chunk(splits)]
+                grams[name] = [fn(part, threshold, name, check=False, centred=False)
+                               for part in features.chunk(splits)]  # centred at once in take()
 
         return hook
 
@@ -345,7 +346,7 @@ def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[
             raise ToolkitError(f"layer(s) {', '.join(missing[:3])} did not run in the forward pass")
         stacked = torch.stack([grams[name][part] for part in range(splits) for name in layers])
         grams.clear()
-        return stacked
+        return _double_centre(stacked) if kernel == "linear" else stacked
 
     try:
         yield take

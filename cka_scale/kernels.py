@@ -1,8 +1,10 @@
 """Kernel Gram matrices for CKA: linear and RBF (Kornblith's median bandwidth), from centred features.
 
 Kornblith, Norouzi, Lee & Hinton 2019, "Similarity of Neural Network Representations Revisited": the RBF bandwidth
-is sigma = threshold * sqrt(median squared distance). Features are centred over the samples before any Gram or
-distance is formed, and Grams are formed in the input dtype on its device (half precision is upcast to float32).
+is sigma = threshold * sqrt(median squared distance). Features are shifted by their first sample before any Gram or
+distance is formed (one copy at most; a constant feature becomes exact zeros), the linear Gram is then double-centred
+on the n x n matrix, and Grams are formed in the input dtype on its device (half precision is upcast to float32),
+in IEEE float32 whatever the TF32 setting.
 Kernels are registered by name in :data:`KERNELS`; :mod:`cka_scale.functional` turns Grams into HSIC and CKA.
 """
 
@@ -63,16 +65,29 @@ def _check_finite(g: Tensor, label: str) -> None:
         raise ToolkitError(f"{label} contains NaN or Inf (or its Gram overflows {g.dtype}: cast it to float64)")
 
 
-def _centre(x: Tensor, owned: bool = False) -> Tensor:
-    """Subtract the sample mean; shifting by the first sample first makes a constant column exactly zero.
+def _shift(x: Tensor, owned: bool = False) -> Tensor:
+    """Subtract the first sample: a constant column becomes exactly zero, and the rest is near centred for the GEMM.
 
-    Costs at most one full-size copy of ``x``: the shifted copy is centred in place (the mean is one row). With
-    ``owned`` (``x`` is already a private copy, e.g. upcast from half precision) and no autograd, not even that.
+    Costs one full-size copy of ``x``, or none when ``x`` is already a private copy (``owned``, e.g. upcast from half
+    precision) and needs no autograd. Centring proper happens on the n x n Gram (:func:`_double_centre`), which is
+    cheaper than two more passes over the map.
     """
     if owned and not x.requires_grad:
-        return x.sub_(x[:1].clone()).sub_(x.mean(dim=0, keepdim=True))
-    xc = x - x[:1]
-    return xc.sub_(xc.mean(dim=0, keepdim=True))
+        return x.sub_(x[:1].clone())
+    return x - x[:1]
+
+
+def _double_centre(g: Tensor) -> Tensor:
+    """``H G H`` with ``H = I - 11^T/n``, the Gram of the centred features, for ``(n, n)`` or a stack ``(..., n, n)``.
+
+    Computed in float64 and returned in ``g``'s dtype. The entries ``g_ij - (r_i + r_j) + t`` (row means ``r``,
+    grand mean ``t``) keep an exactly symmetric ``g`` exactly symmetric. After :func:`_shift` the features' mean is
+    about one sample's spread, so the float32 Gram loses at most a bit or two to the cancellation, and a constant
+    feature contributes exact zeros.
+    """
+    g64 = g.to(torch.float64)
+    r = g64.mean(dim=-1, keepdim=True)  # (..., n, 1); a stack of Grams is centred at once
+    return (g64 - (r + r.mT) + r.mean(dim=-2, keepdim=True)).to(g.dtype)
 
 
 @contextmanager
@@ -95,33 +110,40 @@ def true_float32() -> Iterator[None]:
 
 
 def _features(x: Tensor, label: str) -> Tensor:
-    """Prepared and centred features, with at most one full-size copy of ``x``."""
+    """Prepared features shifted by their first sample, with at most one full-size copy of ``x``."""
     prepared = _prepare(x, label)
     owned = prepared.data_ptr() != x.data_ptr() if isinstance(x, Tensor) else False
-    return _centre(prepared, owned=owned)
+    return _shift(prepared, owned=owned)
 
 
-def _linear_kernel(x: Tensor, threshold: float, label: str, check: bool = True) -> Tensor:
-    """Registry entry for ``linear`` (``threshold`` does not apply)."""
-    xc = _features(x, label)
+def _linear_kernel(x: Tensor, threshold: float, label: str, check: bool = True, centred: bool = True) -> Tensor:
+    """Registry entry for ``linear`` (``threshold`` does not apply).
+
+    ``centred=False`` returns the Gram of the shifted features (:func:`_shift`) without the double centring: biased
+    and unbiased HSIC are invariant to a translation of the features (``K -> K + a 1^T + 1 a^T + c 1 1^T``), so the
+    HSIC engine and the capture hooks skip that n x n pass.
+    """
+    xs = _features(x, label)
     with true_float32():
-        g = xc @ xc.T
+        g = xs @ xs.T
     if check:
         _check_finite(g, label)
-    return g
+    return _double_centre(g) if centred else g
 
 
-def _rbf_kernel(x: Tensor, threshold: float, label: str, check: bool = True) -> Tensor:
-    """Registry entry for ``rbf``: Kornblith's median rule on squared distances between centred samples.
+def _rbf_kernel(x: Tensor, threshold: float, label: str, check: bool = True, centred: bool = True) -> Tensor:
+    """Registry entry for ``rbf``: Kornblith's median rule on squared distances between samples.
+
+    Distances do not change under a translation, so ``centred`` changes nothing here.
 
     Off the CPU the median stays on the device (no synchronisation); the sigma -> 0 limit is then chosen elementwise.
     """
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
         raise ToolkitError(f"the RBF threshold must be a positive number, got {threshold!r}")
-    xc = _features(x, label)
+    xs = _features(x, label)  # distances do not change under a shift: no centring needed
     with true_float32():
-        d = xc @ xc.T
-    del xc
+        d = xs @ xs.T
+    del xs
     if check:
         _check_finite(d, label)
     sq = d.diagonal().clone()
@@ -195,8 +217,9 @@ def _select_torch(u: Tensor, positions: list[int]) -> list[Tensor]:
 
 
 KERNELS: dict[str, Callable[..., Tensor]] = {"linear": _linear_kernel, "rbf": _rbf_kernel}
-"""Kernel name -> implementation, called as ``fn(x, threshold, label, check=True)``; ``label`` names ``x`` in error
-messages; ``check=False`` leaves the finiteness test to the caller (see :func:`_check_finite`)."""
+"""Kernel name -> implementation, called as ``fn(x, threshold, label, check=True, centred=True)``; ``label`` names ``x``
+in error messages; ``check=False`` leaves the finiteness test to the caller (see :func:`_check_finite`);
+``centred=False`` may return the Gram of translated features, for HSIC, which does not see the difference."""
 
 
 def list_kernels() -> list[str]:

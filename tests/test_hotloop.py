@@ -161,6 +161,22 @@ def test_nan_features_still_fail_with_the_layer_named():
             acc.update_grams(take())
 
 
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_hsic_does_not_need_the_double_centring(unbiased):
+    # the engine and the hooks sum HSIC from Grams of translated features: the same CKA as from centred ones
+    from cka_scale import functional as F
+
+    x = torch.randn(24, 40, dtype=torch.float64) + 5.0
+    y = x[:, :10] ** 2 + torch.randn(24, 10, dtype=torch.float64)
+    raw = [kernels._linear_kernel(v, 1.0, "v", centred=False) for v in (x, y)]
+    centred = [kernels.gram_linear(v) for v in (x, y)]
+    assert not torch.allclose(raw[0], centred[0])
+    for a, b in ((raw, centred),):
+        ha = F._hsic_terms(a, None, unbiased, ["x", "y"])
+        hb = F._hsic_terms(b, None, unbiased, ["x", "y"])
+        torch.testing.assert_close(ha.cross, hb.cross, rtol=1e-10, atol=0)
+
+
 def test_mps_is_refused_up_front(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     loaded = []
