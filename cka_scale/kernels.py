@@ -41,14 +41,12 @@ def flatten_features(x: Tensor) -> Tensor:
 
 
 def _prepare(x: Tensor, label: str) -> Tensor:
-    """Flatten, upcast half precision and integers to float32, reject complex values and empty batches."""
+    """Flatten; reject non-tensors, complex values and empty batches (the upcast of half precision comes later)."""
     if not isinstance(x, Tensor):
         raise ToolkitError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_complex():
         raise ToolkitError(f"{label} is complex ({x.dtype}): CKA takes real features")
     x = flatten_features(x)
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.to(torch.float32)
     if x.shape[0] == 0:
         raise ToolkitError(f"{label} has no samples")
     return x
@@ -66,23 +64,46 @@ def _check_finite(g: Tensor, label: str) -> None:
         raise ToolkitError(f"{label} contains NaN or Inf (or its Gram overflows {g.dtype}: cast it to float64)")
 
 
-def _shift(x: Tensor, owned: bool = False) -> Tensor:
-    """Subtract the first sample: a constant column becomes exactly zero, and the rest is near centred for the GEMM.
+def _chunk_elements(device: torch.device) -> int:
+    """Elements per column chunk of :func:`_shifted_gram`.
 
-    Costs one full-size copy of ``x``, or none when ``x`` is already a private copy (``owned``, e.g. upcast from half
-    precision) and needs no autograd. Centring proper happens on the n x n Gram (:func:`_double_centre`), which is
-    cheaper than two more passes over the map.
+    About 1 MiB on the CPU (the shifted chunk stays in cache for its GEMM), 64 MiB on an accelerator (few launches).
     """
-    if owned and not x.requires_grad:
-        return x.sub_(x[:1].clone())
-    return x - x[:1]
+    return 1 << 18 if device.type == "cpu" else 1 << 24
+
+
+def _shifted_gram(x: Tensor) -> Tensor:
+    """``Y Y^T`` with ``Y = X - x_0`` (every sample minus the first), in IEEE float32 (or float64 for float64 input).
+
+    Shifting by one sample makes a constant feature exactly zero and leaves the rest about centred, so the float32
+    Gram loses little to cancellation. ``Y`` is never materialised: column chunks of it pass through one small buffer,
+    each straight into its GEMM, so an activation map costs no full-size copy, no page faults for a fresh one, and one
+    pass over memory beside the GEMM's (half precision and integers are upcast chunk by chunk). With autograd, ``Y`` is
+    formed whole (one copy).
+    """
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    n, d = x.shape
+    step = max(1, _chunk_elements(x.device) // n)
+    with true_float32():
+        if x.requires_grad or d <= step:
+            y = x.to(dtype)
+            y = y - y[:1]
+            return y @ y.T
+        x0 = x[0].to(dtype)
+        g = torch.zeros(n, n, dtype=dtype, device=x.device)
+        buf = torch.empty(n, step, dtype=dtype, device=x.device)
+        for a in range(0, d, step):
+            y = buf[:, : min(step, d - a)]
+            y.copy_(x[:, a : a + y.shape[1]])
+            g.addmm_(y.sub_(x0[a : a + y.shape[1]]), y.T)
+        return g
 
 
 def _double_centre(g: Tensor) -> Tensor:
     """``H G H`` with ``H = I - 11^T/n``, the Gram of the centred features, for ``(n, n)`` or a stack ``(..., n, n)``.
 
     Computed in float64 and returned in ``g``'s dtype. The entries ``g_ij - (r_i + r_j) + t`` (row means ``r``,
-    grand mean ``t``) keep an exactly symmetric ``g`` exactly symmetric. After :func:`_shift` the features' mean is
+    grand mean ``t``) keep an exactly symmetric ``g`` exactly symmetric. After the shift the features' mean is
     about one sample's spread, so the float32 Gram loses at most a bit or two to the cancellation, and a constant
     feature contributes exact zeros.
     """
@@ -110,23 +131,14 @@ def true_float32() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _features(x: Tensor, label: str) -> Tensor:
-    """Prepared features shifted by their first sample, with at most one full-size copy of ``x``."""
-    prepared = _prepare(x, label)
-    owned = prepared.data_ptr() != x.data_ptr() if isinstance(x, Tensor) else False
-    return _shift(prepared, owned=owned)
-
-
 def _linear_kernel(x: Tensor, threshold: float, label: str, check: bool = True, centred: bool = True) -> Tensor:
     """Registry entry for ``linear`` (``threshold`` does not apply).
 
-    ``centred=False`` returns the Gram of the shifted features (:func:`_shift`) without the double centring: biased
-    and unbiased HSIC are invariant to a translation of the features (``K -> K + a 1^T + 1 a^T + c 1 1^T``), so the
-    HSIC engine and the capture hooks skip that n x n pass.
+    ``centred=False`` returns the Gram of the shifted features (:func:`_shifted_gram`) without the double centring:
+    biased and unbiased HSIC are invariant to a translation of the features (``K -> K + a 1^T + 1 a^T + c 1 1^T``), so
+    the HSIC engine and the capture hooks skip that n x n pass.
     """
-    xs = _features(x, label)
-    with true_float32():
-        g = xs @ xs.T
+    g = _shifted_gram(_prepare(x, label))
     if check:
         _check_finite(g, label)
     return _double_centre(g) if centred else g
@@ -141,10 +153,7 @@ def _rbf_kernel(x: Tensor, threshold: float, label: str, check: bool = True, cen
     """
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
         raise ToolkitError(f"the RBF threshold must be a positive number, got {threshold!r}")
-    xs = _features(x, label)  # distances do not change under a shift: no centring needed
-    with true_float32():
-        d = xs @ xs.T
-    del xs
+    d = _shifted_gram(_prepare(x, label))  # distances do not change under a shift: no centring needed
     if check:
         _check_finite(d, label)
     sq = d.diagonal().clone()

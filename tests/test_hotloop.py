@@ -205,12 +205,13 @@ _PEAK = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("dtype,check", [("float32", "nocheck"), ("float32", "check"), ("float16", "nocheck")])
-def test_centring_costs_at_most_one_copy_of_the_map(dtype, check):
+def test_gram_of_a_large_map_costs_no_copy_of_it(dtype, check):
     # peak RSS in a fresh process: the 410 MB map dwarfs anything the allocator keeps from before
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", _PEAK, dtype, check], capture_output=True, text=True, env=env,
                           timeout=120, check=True)
     out = json.loads(done.stdout)
-    # one float32 copy (the upcast copy for float16 is centred in place); the finiteness check reads the Gram only.
-    # Two centring copies plus isfinite's temporaries (before this test) measured 2.02 maps.
-    assert out["extra"] <= 1.1 * out["map"], out["extra"] / out["map"]
+    # the shifted features pass through a small buffer in column chunks (float16 is upcast chunk by chunk) and the
+    # finiteness check reads the Gram only: measured under 2% of the map. Centring by copies plus isfinite's
+    # temporaries (before this test) measured 2.02 maps; one full copy would be 1.0.
+    assert out["extra"] <= 0.05 * out["map"], out["extra"] / out["map"]
