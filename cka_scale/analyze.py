@@ -63,7 +63,7 @@ def _versions() -> dict[str, str]:
 
 
 def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: dict[str, Any] | None = None,
-            progress: bool = True, fuse_scales: bool | None = None) -> Report:
+            progress: bool = True, fuse_scales: bool = False) -> Report:
     """Measure per-layer CKA across input scales.
 
     Args:
@@ -72,9 +72,8 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
         data_config: timm preprocessing config for ``model``.
         progress: Show a progress bar with ETA (rank 0 only).
         fuse_scales: In ``down-up`` mode, run all scales of a batch as one forward pass of S x B images (exact: the
-            model is in eval mode, so BatchNorm uses its running statistics). None: fused on CUDA, where one large
-            batch keeps the GPU busy; on the CPU separate passes were as fast and need S times less activation memory
-            (bench/RESULTS.md).
+            model is in eval mode, so BatchNorm uses its running statistics). Off by default: on the CPU it was no
+            faster (bench/RESULTS.md) and holds S times the activations; ``bench/gpu_check.py`` measures it on CUDA.
 
     Returns:
         The report (every process returns it; only the caller decides what to write).
@@ -123,7 +122,7 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
         bar = tqdm(total=cfg.repeats * len(mine), unit="batch", desc=f"CKA {cfg.model}", dynamic_ncols=True,
                    disable=not (progress and ctx.is_main))
         reduce = parse_spatial(cfg.spatial)
-        fuse = cfg.resize == "down-up" and (ctx.device.type == "cuda" if fuse_scales is None else fuse_scales)
+        fuse = cfg.resize == "down-up" and fuse_scales
         dtypes: dict[str, str] = {}
         with torch.no_grad(), capture_grams(model, names, reduce=reduce, kernel=cfg.kernel, threshold=cfg.threshold,
                                             splits=len(cfg.scales) if fuse else 1) as take:
