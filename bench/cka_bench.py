@@ -8,9 +8,14 @@ bench/.peers-venv (it sees this venv's torch and numpy through a .pth file, so n
 subprocesses of it on the same features, saved to a temporary .npz. Times are the median of 3 runs, or 1 run when the
 first takes more than 30 s; torch threads are left at their default.
 
+``--engine-shape`` times the shape of the analysis engine instead (issue 11): ``cka_matrix`` (linear, unbiased) over
+16 float32 feature sets of 1024 images, widths 256/1024/4096/2048 four times each, against the 16 bare Gram GEMMs
+``x @ x.T`` (best of 3 each, alternating), for each torch thread count given and ``--rounds`` times.
+
 Usage:
     .venv/bin/python bench/cka_bench.py --results bench/RESULTS.md
     .venv/bin/python bench/cka_bench.py --ns 512 --no-peers
+    .venv/bin/python bench/cka_bench.py --engine-shape --threads 2,1 --rounds 3 --results bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 PEERS_VENV = HERE / ".peers-venv"
 SECTION = "## CKA engine (bench/cka_bench.py)"
+SHAPE_SECTION = "## CKA engine, analysis shape (bench/cka_bench.py --engine-shape)"
+SHAPE_WIDTHS = (256, 1024, 4096, 2048) * 4
 # name -> (pip requirement, rows it supports as (kernel, unbiased), entry point used and what explains its max|Δ|)
 PEERS: dict[str, tuple[str, set[tuple[str, bool]], str]] = {
     "torch-cka": ("torch-cka==0.21", {("linear", True)},
@@ -227,6 +234,95 @@ def reference(arrays: list[np.ndarray], kernel: str, unbiased: bool) -> tuple[fl
                                                   large=True))
 
 
+def best_of(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    """Shortest wall time of ``repeats`` runs (the least disturbed by other jobs)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def engine_shape(device: str = "cpu", n: int = 1024, repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """``cka_matrix`` (linear, unbiased) on 16 float32 feature sets vs their 16 bare Gram GEMMs, best of ``repeats``.
+
+    The floor is ``x @ x.T`` per set in IEEE float32 (as the engine's Grams); engine and floor alternate.
+    """
+    from cka_scale.functional import cka_matrix
+    from cka_scale.kernels import true_float32
+
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 64, generator=gen)
+    xs = [torch.relu(base @ torch.randn(64, w, generator=gen)).to(device) for w in SHAPE_WIDTHS]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def floor() -> None:
+        with true_float32():
+            for x in xs:
+                x @ x.T
+
+    def engine() -> None:
+        cka_matrix(xs, unbiased=True)
+
+    engine()  # warm up
+    floors, engines = [], []
+    for _ in range(repeats):
+        floors.append(best_of(floor, 1, sync))
+        engines.append(best_of(engine, 1, sync))
+    f, e = min(floors), min(engines)
+    return {"engine_s": e, "floor_s": f, "ratio": e / f, "n": n, "sets": len(xs)}
+
+
+def shape_main(args: argparse.Namespace) -> None:
+    """Run :func:`engine_shape` for every thread count and round; print (and optionally save) the table."""
+    load_start = os.getloadavg()
+    rows = []
+    for r in range(args.rounds):
+        for threads in [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]:
+            torch.set_num_threads(threads)
+            out = engine_shape(args.device)
+            ok = "yes" if out["ratio"] <= 1.3 else "no"
+            rows.append([str(r + 1), str(threads), f"{out['engine_s']:.3f}", f"{out['floor_s']:.3f}",
+                         f"{out['ratio']:.2f}", ok])
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    load_end = os.getloadavg()
+    header = ["round", "torch threads", "cka_matrix s", "16 Gram GEMMs s", "engine / floor", "<= 1.3"]
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                      + ["| " + " | ".join(r) + " |" for r in rows])
+    print(table)
+    if args.results:
+        body = (f"{SHAPE_SECTION}\n\nCommand: `{' '.join(['.venv/bin/python', 'bench/cka_bench.py', *sys.argv[1:]])}`"
+                f"\n\nMachine: {_machine(args.device)}; load average {load_start[0]:.1f} at the start, "
+                f"{load_end[0]:.1f} at the end.\n\n`cka_matrix(xs, unbiased=True)` (linear) over 16 float32 feature "
+                "sets of 1024 images with widths 256/1024/4096/2048 (four times each; ReLU of a random projection), "
+                "against the 16 bare Gram GEMMs `x @ x.T` in IEEE float32; best of 3 for each, alternating. Target: "
+                f"<= 1.3x the floor on every row.\n\n{table}\n")
+        _replace_section(args.results, SHAPE_SECTION, body)
+
+
+def _machine(device: str) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, engine on {where}"
+
+
+def _replace_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) one ``## `` section of a Markdown file, leaving the others alone."""
+    from scale_common.files import atomic_write_text
+
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if title in text:
+        start = text.index(title)
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + body + (text[end + 1 :] if end != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    atomic_write_text(path, text)
+
+
 def fmt_time(seconds: float) -> str:
     return f"{seconds:.3f}" if seconds < 10 else f"{seconds:.1f}"
 
@@ -238,6 +334,9 @@ def main() -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip the public libraries")
     parser.add_argument("--peer-timeout", type=float, default=1200.0, help="seconds per peer and row")
     parser.add_argument("--results", type=Path, help="write the table into this Markdown file's CKA section")
+    parser.add_argument("--engine-shape", action="store_true", help="time the analysis engine's shape (issue 11)")
+    parser.add_argument("--threads", help="--engine-shape: torch thread counts, comma-separated (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=1, help="--engine-shape: repeat the whole measurement")
     parser.add_argument("--peer", help=argparse.SUPPRESS)
     parser.add_argument("--features", help=argparse.SUPPRESS)
     parser.add_argument("--kernel", help=argparse.SUPPRESS)
@@ -246,6 +345,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.peer:
         peer_main(args)
+        return
+    if args.engine_shape:
+        shape_main(args)
         return
     load_start = os.getloadavg()
     from cka_scale.functional import cka_matrix

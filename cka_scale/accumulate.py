@@ -30,6 +30,7 @@ from torch import Tensor
 
 from cka_scale import functional as F
 from cka_scale._stats import t_quantile
+from scale_common.device import require_float64
 from scale_common.errors import ToolkitError
 
 __all__ = ["DEFAULT_BUCKETS", "MIN_MINIBATCHES", "CKAAccumulator", "Jackknife", "minibatch_size", "t_quantile"]
@@ -137,6 +138,7 @@ class CKAAccumulator:
             raise ToolkitError(f"the RBF threshold must be a positive number, got {threshold!r}")
         self.kernel, self.threshold, self.unbiased, self.shape = kernel, float(threshold), bool(unbiased), shape
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        require_float64(self.device, "CKAAccumulator")
         if not int(buckets) >= 1:
             raise ToolkitError(f"a CKA accumulator needs at least one bucket, got buckets={buckets!r}")
         self.buckets = int(buckets)

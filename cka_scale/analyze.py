@@ -37,7 +37,8 @@ from cka_scale.hooks import capture_grams, parse_spatial, select_layers, trace_l
 from cka_scale.models import load_model
 from cka_scale.report import Report
 from cka_scale.sampling import draw_subsets, sample_notes
-from scale_common.distributed import distributed
+from scale_common.device import describe_device, require_float64, resolve_device
+from scale_common.distributed import distributed, raise_together
 from scale_common.errors import ToolkitError
 from scale_common.modules import count_params
 from scale_common.resize import down_up, resize
@@ -67,7 +68,7 @@ def _versions() -> dict[str, str]:
 
 
 def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: dict[str, Any] | None = None,
-            progress: bool = True) -> Report:
+            progress: bool = True, fuse_scales: bool = False) -> Report:
     """Measure per-layer CKA across input scales.
 
     Args:
@@ -75,14 +76,19 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
         model: Analyse this module instead of loading ``cfg.model`` (``data_config`` is then needed too).
         data_config: timm preprocessing config for ``model``.
         progress: Show a progress bar with ETA (rank 0 only).
+        fuse_scales: In ``down-up`` mode, run all scales of a batch as one forward pass of S x B images (exact: the
+            model is in eval mode, so BatchNorm uses its running statistics). Off by default: on the CPU it was no
+            faster (bench/RESULTS.md) and holds S times the activations; ``bench/gpu_check.py`` measures it on CUDA.
 
     Returns:
         The report (every process returns it; only the caller decides what to write).
 
     Raises:
-        ToolkitError: Bad settings, unknown model, unloadable weights, unreadable data, too few images.
+        ToolkitError: Bad settings, unknown model, unloadable weights, unreadable data, too few images, a device
+            without float64 (MPS); under ``torchrun``, a failure on any rank (every rank raises the same error).
     """
     cfg = cfg.resolved()
+    require_float64(resolve_device(cfg.device))
     reference = int(cfg.reference or max(cfg.scales))
     started = time.perf_counter()
     with distributed(cfg.device) as ctx:
@@ -127,20 +133,34 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
         bar = tqdm(total=cfg.repeats * len(mine), unit="batch", desc=f"CKA {cfg.model}", dynamic_ncols=True,
                    disable=not (progress and ctx.is_main))
         reduce = parse_spatial(cfg.spatial)
-        with torch.no_grad(), capture_grams(model, names, reduce=reduce, kernel=cfg.kernel,
-                                            threshold=cfg.threshold) as take:
+        fuse = cfg.resize == "down-up" and fuse_scales
+        dtypes: dict[str, str] = {}
+        with torch.no_grad(), capture_grams(model, names, reduce=reduce, kernel=cfg.kernel, threshold=cfg.threshold,
+                                            splits=len(cfg.scales) if fuse else 1) as take:
             for repeat in range(cfg.repeats):
                 subset = Subset(dataset, draws[repeat])
                 loader = DataLoader(subset, batch_sampler=mine, num_workers=cfg.num_workers,
                                     pin_memory=ctx.device.type == "cuda")
-                for images, _ in loader:
-                    images = images.to(ctx.device, non_blocking=True)
-                    grams = []
-                    for size in cfg.scales:
-                        model(rescale(images, size, reference, cfg.resize))
-                        grams.append(take())
-                    acc.update_grams(torch.cat(grams))
-                    bar.update()
+                failure = None
+                try:  # no host-device synchronisation in here but the accumulator's one finiteness test per batch
+                    for images, _ in loader:
+                        images = images.to(ctx.device, non_blocking=True)
+                        if fuse:
+                            model(torch.cat([rescale(images, size, reference, cfg.resize) for size in cfg.scales]))
+                            grams = take()
+                        else:
+                            parts = []
+                            for size in cfg.scales:
+                                model(rescale(images, size, reference, cfg.resize))
+                                parts.append(take())
+                            grams = torch.cat(parts)
+                        dtypes = {"input": str(images.dtype).removeprefix("torch."),
+                                  "grams": str(grams.dtype).removeprefix("torch."), "hsic_sums": "float64"}
+                        acc.update_grams(grams)
+                        bar.update()
+                except Exception as err:  # every rank meets the others before the collective, failed or not
+                    failure = err
+                raise_together(failure)
                 acc.all_reduce()
                 jack = acc.jackknife(reshape=True)
                 runs.append(jack.cka.cpu().numpy())
@@ -158,7 +178,9 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
             "draws": how,
             "estimator": cka_id(cfg.kernel, cfg.unbiased, cfg.threshold),
             "world_size": ctx.world_size,
-            "device": str(ctx.device),
+            **describe_device(ctx.device),
+            "dtypes": dtypes,
+            "fused_scales": fuse,
             "seconds": round(time.perf_counter() - started, 3),
             "total_params": total_params,
             "feature_info": [{"module": e["module"], "reduction": e["reduction"], "num_chs": e["num_chs"]}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.models import group_modules
 from torch import nn
 
-from cka_scale.functional import gram
+from cka_scale.kernels import _double_centre, _kernel
 from scale_common.errors import ToolkitError
 
 __all__ = ["LayerInfo", "capture_grams", "parse_spatial", "select_layers", "trace_layers"]
@@ -290,8 +290,14 @@ def parse_spatial(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @contextmanager
 def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[torch.Tensor], torch.Tensor],
-                  kernel: str = "linear", threshold: float = 1.0) -> Iterator[Callable[[], torch.Tensor]]:
-    """Hook ``layers`` for the duration of the block; each forward pass leaves one Gram matrix per layer.
+                  kernel: str = "linear", threshold: float = 1.0,
+                  splits: int = 1) -> Iterator[Callable[[], torch.Tensor]]:
+    """Hook ``layers`` for the duration of the block; each forward pass leaves one Gram matrix per layer and split.
+
+    The hooks never wait for the device: they do not test the features for NaN or Inf (a non-finite feature makes
+    its Gram non-finite, and :meth:`~cka_scale.accumulate.CKAAccumulator.update_grams` tests all Grams of a batch in
+    one synchronisation), and the RBF bandwidth stays on the device. Gram GEMMs run in true float32
+    (:func:`~cka_scale.kernels.true_float32`) whatever the TF32 setting.
 
     Args:
         model: The model to hook.
@@ -299,15 +305,19 @@ def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[
         reduce: Turns an activation ``(n, ...)`` into features ``(n, d)`` (see :func:`parse_spatial`).
         kernel: Kernel name for :func:`cka_scale.functional.gram`.
         threshold: RBF bandwidth threshold.
+        splits: The batch holds this many equal groups of images (e.g. one per input scale, concatenated); each
+            group gets its own Gram.
 
     Yields:
-        ``take()``: returns the ``(L, n, n)`` Grams of the last forward pass and clears them.
+        ``take()``: returns the ``(splits * L, n, n)`` Grams of the last forward pass (split-major, then ``layers``
+        order) and clears them.
 
     Raises:
-        ToolkitError: A layer did not run, or ran twice, during a forward pass.
+        ToolkitError: A layer did not run, or ran twice, during a forward pass; a batch does not divide into splits.
     """
     modules = dict(model.named_modules())
-    grams: dict[str, torch.Tensor] = {}
+    grams: dict[str, list[torch.Tensor]] = {}
+    fn = _kernel(kernel)
 
     def make_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -319,8 +329,12 @@ def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[
                 raise ToolkitError(f"layer {name!r} returns {err.count} tensors: choose one of its children") from None
             if tensor is None:
                 raise ToolkitError(f"layer {name!r} returns no tensor: choose one of its children")
-            with torch.no_grad():  # float32/float64 kept as they are; half precision is upcast by gram()
-                grams[name] = gram(reduce(tensor.detach()), kernel, threshold=threshold)
+            if tensor.shape[0] % splits:
+                raise ToolkitError(f"layer {name!r}: a batch of {tensor.shape[0]} does not split into {splits} groups")
+            with torch.no_grad():  # float32/float64 kept as they are; half precision is upcast by the kernel
+                features = reduce(tensor.detach())
+                grams[name] = [fn(part, threshold, name, check=False, centred=False)
+                               for part in features.chunk(splits)]  # centred at once in take()
 
         return hook
 
@@ -330,9 +344,9 @@ def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[
         missing = [name for name in layers if name not in grams]
         if missing:
             raise ToolkitError(f"layer(s) {', '.join(missing[:3])} did not run in the forward pass")
-        stacked = torch.stack([grams[name] for name in layers])
+        stacked = torch.stack([grams[name][part] for part in range(splits) for name in layers])
         grams.clear()
-        return stacked
+        return _double_centre(stacked) if kernel == "linear" else stacked
 
     try:
         yield take

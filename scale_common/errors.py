@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -56,4 +57,6 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       file: object = None, line: str | None = None) -> None:
+    if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun every rank meets the same warning: print it once
+        return
     print(f"warning: {message}", file=sys.stderr)
