@@ -80,7 +80,7 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
             ``msun_builder.autosplit.auto_split`` chooses the split. Give exactly one of the two.
         weights: ``"none"``, ``"auto"`` or a state-dict path, as in :func:`cka_scale.load_model` (names only).
         num_classes: Classifier size for a model name (None keeps the model's); for a module it must match.
-        routing: Custom ``(max_size_inclusive, scale)`` pairs (default: the nearest scale, ties to the larger).
+        routing: Custom ``(max_size_inclusive, scale)`` pairs (default: the smallest scale at least the input size).
         verify: Check on one random image that the MSUN reproduces the model at the reference scale.
 
     Returns:
@@ -93,7 +93,7 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
     Example:
         >>> msun = create_msun("test_resnet", scales=(16, 32, 64), split_reduction=4)
         >>> msun.unified_size, msun.route(20), msun.config["subnets"]["16"]["removed_steps"]
-        (16, 16, 2)
+        (16, 32, 2)
     """
     scales = _check_args(scales, split_reduction, report, routing)
     if isinstance(model, str):
