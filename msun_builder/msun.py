@@ -227,16 +227,21 @@ def load_msun(directory: str | os.PathLike[str], map_location: str | torch.devic
         raise ToolkitError(f"{folder} lacks {' and '.join(missing)}: give the folder written by save_msun "
                            "(it holds msun.json and msun.safetensors)")
     config = _read_config(folder)
-    base = load_model(config["model"], weights="none", num_classes=config["num_classes"]).model
-    plans = {int(s): SubnetPlan(int(p.get("removed_steps", 0)), list(p.get("destrided", [])),
-                                list(p.get("pool_kernel_1", [])), int(p.get("output_side", 0)))
-             for s, p in config["subnets"].items()}
-    try:
-        msun = assemble(base, config["split"]["module"], sorted(int(s) for s in config["scales"]), plans=plans,
-                        config=config, routing=config["routing"], unified_size=int(config["unified_size"]))
-    except (AttributeError, KeyError, TypeError) as err:
-        raise ToolkitError(f"{folder / CONFIG_FILE} does not describe a valid MSUN for {config['model']} ({err}); "
-                           "save the MSUN again") from None
+    if config.get("preset") == "paper":  # the authors' hand-built designs (msun_builder.presets)
+        from msun_builder.presets import rebuild_paper_msun
+
+        msun = rebuild_paper_msun(config)
+    else:
+        base = load_model(config["model"], weights="none", num_classes=config["num_classes"]).model
+        plans = {int(s): SubnetPlan(int(p.get("removed_steps", 0)), list(p.get("destrided", [])),
+                                    list(p.get("pool_kernel_1", [])), int(p.get("output_side", 0)))
+                 for s, p in config["subnets"].items()}
+        try:
+            msun = assemble(base, config["split"]["module"], sorted(int(s) for s in config["scales"]), plans=plans,
+                            config=config, routing=config["routing"], unified_size=int(config["unified_size"]))
+        except (AttributeError, KeyError, TypeError) as err:
+            raise ToolkitError(f"{folder / CONFIG_FILE} does not describe a valid MSUN for {config['model']} ({err}); "
+                               "save the MSUN again") from None
     state = read_safetensors(folder / WEIGHTS_FILE, what="saved MSUN weights", fix=_FIX)
     own = msun.state_dict()
     problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
