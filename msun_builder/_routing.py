@@ -18,6 +18,10 @@ The authors' own ResNet-50 numbers agree where the rules differ: at 64 px the mi
 small one, at 160 px the large one 74.07 vs 72.76 for the mid one (their figure data). The rule generalises to any
 scale set without a free parameter. Which branch is best at a size is an empirical question, though:
 :func:`fit_routing` picks the best branch per size on validation accuracy, for a table stored beside the rule's.
+
+:meth:`MSUN.forward` routes by the side of the tensor it is given. Under the paper's evaluation protocol every test
+image is shrunk to the test size and enlarged back to the reference size before the model sees it, so routing by the
+test size there uses what the input no longer shows (its original size): the authors' oracle, to be labelled as such.
 """
 
 from __future__ import annotations

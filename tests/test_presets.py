@@ -110,8 +110,7 @@ def test_unknown_models_and_bad_arguments_are_refused():
         paper_msun(_meta("resnet50"), stem_init="zeros")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet50", "densenet121", "vgg16_bn"])
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", pytest.param("vgg16_bn", marks=pytest.mark.slow)])
 def test_full_size_models_run_every_branch_and_the_large_one_is_the_model(name):
     base = timm.create_model(name, pretrained=False).eval()
     with torch.no_grad():
