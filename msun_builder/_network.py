@@ -58,8 +58,8 @@ class MSUN(nn.Module):
             subnets: Shallow subnets keyed by their input scale.
             unified: The shared deep network, taking ``U x U`` feature maps.
             unified_size: U.
-            routing: Custom ``(max_size_inclusive, scale)`` pairs; None routes each size to the nearest scale,
-                ties to the larger.
+            routing: Custom ``(max_size_inclusive, scale)`` pairs; None routes each size to the smallest scale at
+                least as large (:func:`msun_builder._routing.default_routing`).
             config: Extra JSON-able description merged into :attr:`config`.
         """
         super().__init__()

@@ -80,7 +80,7 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
             ``msun_builder.autosplit.auto_split`` chooses the split. Give exactly one of the two.
         weights: ``"none"``, ``"auto"`` or a state-dict path, as in :func:`cka_scale.load_model` (names only).
         num_classes: Classifier size for a model name (None keeps the model's); for a module it must match.
-        routing: Custom ``(max_size_inclusive, scale)`` pairs (default: the nearest scale, ties to the larger).
+        routing: Custom ``(max_size_inclusive, scale)`` pairs (default: the smallest scale at least the input size).
         verify: Check on one random image that the MSUN reproduces the model at the reference scale.
 
     Returns:
@@ -93,7 +93,7 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
     Example:
         >>> msun = create_msun("test_resnet", scales=(16, 32, 64), split_reduction=4)
         >>> msun.unified_size, msun.route(20), msun.config["subnets"]["16"]["removed_steps"]
-        (16, 16, 2)
+        (16, 32, 2)
     """
     scales = _check_args(scales, split_reduction, report, routing)
     if isinstance(model, str):
@@ -227,16 +227,21 @@ def load_msun(directory: str | os.PathLike[str], map_location: str | torch.devic
         raise ToolkitError(f"{folder} lacks {' and '.join(missing)}: give the folder written by save_msun "
                            "(it holds msun.json and msun.safetensors)")
     config = _read_config(folder)
-    base = load_model(config["model"], weights="none", num_classes=config["num_classes"]).model
-    plans = {int(s): SubnetPlan(int(p.get("removed_steps", 0)), list(p.get("destrided", [])),
-                                list(p.get("pool_kernel_1", [])), int(p.get("output_side", 0)))
-             for s, p in config["subnets"].items()}
-    try:
-        msun = assemble(base, config["split"]["module"], sorted(int(s) for s in config["scales"]), plans=plans,
-                        config=config, routing=config["routing"], unified_size=int(config["unified_size"]))
-    except (AttributeError, KeyError, TypeError) as err:
-        raise ToolkitError(f"{folder / CONFIG_FILE} does not describe a valid MSUN for {config['model']} ({err}); "
-                           "save the MSUN again") from None
+    if config.get("preset") == "paper":  # the authors' hand-built designs (msun_builder.presets)
+        from msun_builder.presets import rebuild_paper_msun
+
+        msun = rebuild_paper_msun(config)
+    else:
+        base = load_model(config["model"], weights="none", num_classes=config["num_classes"]).model
+        plans = {int(s): SubnetPlan(int(p.get("removed_steps", 0)), list(p.get("destrided", [])),
+                                    list(p.get("pool_kernel_1", [])), int(p.get("output_side", 0)))
+                 for s, p in config["subnets"].items()}
+        try:
+            msun = assemble(base, config["split"]["module"], sorted(int(s) for s in config["scales"]), plans=plans,
+                            config=config, routing=config["routing"], unified_size=int(config["unified_size"]))
+        except (AttributeError, KeyError, TypeError) as err:
+            raise ToolkitError(f"{folder / CONFIG_FILE} does not describe a valid MSUN for {config['model']} ({err}); "
+                               "save the MSUN again") from None
     state = read_safetensors(folder / WEIGHTS_FILE, what="saved MSUN weights", fix=_FIX)
     own = msun.state_dict()
     problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]

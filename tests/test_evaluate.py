@@ -43,7 +43,7 @@ def test_paper_protocol_table(runs, tmp_path):
         at = {r["label"]: r for r in rows if r["size"] == s and r["run"] == "msun"}
         branches = [at[f"msun branch {b}"]["accuracy"] for b in (16, 32)]
         assert at["msun (best branch)"]["accuracy"] == max(branches)
-        routed = 16 if s < 24 else 32  # nearest scale, ties to the larger
+        routed = 16 if s <= 16 else 32  # the smallest scale at least the size (default_routing)
         assert at["msun (routed)"]["accuracy"] == at[f"msun branch {routed}"]["accuracy"]
         assert at["msun (routed)"]["flops"] == at[f"msun branch {routed}"]["flops"]
     vanilla = [r["flops"] for r in rows if r["label"] == "vanilla"]
