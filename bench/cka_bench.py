@@ -1,7 +1,7 @@
 """Benchmark: the all-pairs CKA matrix of 16 layers, this engine against a float64 NumPy reference and public peers.
 
-Features follow cka_anchors.md section 3: a random ReLU network from a 128-d Gaussian input, 16 layers of widths 64 to
-2048, noise 0.25 and per-layer scales 0.1 to 10, float32. For each n, kernel (linear, RBF with the median rule) and
+Features (``make_layers`` below, seeded): a random ReLU network from a 128-d Gaussian input, 16 layers of widths 64
+to 2048, noise 0.25 and per-layer scales 0.1 to 10, float32. For each n, kernel (linear, RBF with the median rule) and
 HSIC estimator (biased, unbiased), the table gives the time and the max |difference| to the reference for this engine,
 for its floor (the time to form the Gram matrices alone), and for every peer. Peers live in a throw-away venv at
 bench/.peers-venv (it sees this venv's torch and numpy through a .pth file, so nothing large is downloaded) and run in

@@ -27,13 +27,13 @@ passes 0.81, the most robust early stage.
 
 from __future__ import annotations
 
-import json
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from cka_scale.report import Report, load_report
 from scale_common.errors import ToolkitError
 
 __all__ = ["SplitChoice", "auto_split"]
@@ -58,34 +58,31 @@ class SplitChoice:
     candidates: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _load(report: Any) -> dict[str, Any]:
-    if hasattr(report, "to_json"):
-        return report.to_json()
-    if isinstance(report, Mapping):
-        return dict(report)
-    path = Path(os.fspath(report))
-    path = path / "report.json" if path.is_dir() else path
-    if not path.is_file():
-        raise ToolkitError(f"no report at {str(path)!r}: run `cka-scale analyze MODEL --out DIR` and pass DIR")
-    return json.loads(path.read_text())
+def _as_report(report: Report | str | os.PathLike[str]) -> Report:
+    """The report itself, or the one saved in a folder (or its ``report.json``), read through the checked reader."""
+    if isinstance(report, Report):
+        return report
+    if isinstance(report, (str, os.PathLike)):
+        return load_report(report)
+    raise ToolkitError(f"auto_split takes a cka_scale Report or the folder of a saved one, got {type(report).__name__}:"
+                       " run `cka-scale analyze MODEL --out DIR` and pass DIR")
 
 
-def _tap_value(layers: Sequence[Mapping[str, Any]], tap: str) -> Mapping[str, Any] | None:
+def _tap_index(names: Sequence[str], tap: str) -> int | None:
     """The report row of ``tap``: the layer itself, or the last block inside it (same output)."""
-    exact = [row for row in layers if row["name"] == tap]
-    if exact:
-        return exact[0]
-    inside = [row for row in layers if row["name"].startswith(tap + ".")]
+    if tap in names:
+        return names.index(tap)
+    inside = [i for i, name in enumerate(names) if name.startswith(tap + ".")]
     return inside[-1] if inside else None
 
 
-def auto_split(report: Any, *, threshold: float = 0.8, max_reduction: int = 16, min_reduction: int = 2,
-               param_weight: float = 0.5, num_subnets: int = 3, scale: int | None = None,
+def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.8, max_reduction: int = 16,
+               min_reduction: int = 2, param_weight: float = 0.5, num_subnets: int = 3, scale: int | None = None,
                cuttable: Sequence[str] | None = None, max_upsample: float = 2.0) -> SplitChoice:
     """Pick the split tap from measured per-layer CKA (see the module docstring for the rule).
 
     Args:
-        report: A :class:`cka_scale.report.Report`, a ``report.json`` dict, or a path to a report folder/file.
+        report: A :class:`cka_scale.report.Report`, or a report folder (or its ``report.json``) to load.
         threshold: CKA a tap must reach to count as scale-robust.
         max_reduction: Deepest stride considered.
         min_reduction: Shallowest stride considered.
@@ -97,34 +94,40 @@ def auto_split(report: Any, *, threshold: float = 0.8, max_reduction: int = 16, 
             (``float("inf")`` turns the reach rule off).
 
     Returns:
-        The choice, its one-sentence reason, and the scored candidates.
+        The choice, its one-sentence reason, and the scored candidates (each with its CKA's 95% interval,
+        ``ci95``, ``None`` where the report has none).
 
     Raises:
-        ToolkitError: The report has no feature_info taps with CKA values in the allowed range.
+        ToolkitError: No readable report, or it has no feature_info taps with CKA values in the allowed range.
     """
-    data = _load(report)
-    scales = [int(s) for s in data["scales"]]
-    reference = int(data["reference"])
+    report = _as_report(report)
+    scales = [int(s) for s in report.scales]
+    reference = int(report.reference)
     smallest = min(scales)
     scale = min(s for s in scales if s != reference) if scale is None else int(scale)
     if scale not in scales or scale == reference:
         raise ToolkitError(f"scale {scale} is not a non-reference scale of the report ({scales}, ref {reference})")
-    taps = data.get("feature_info") or [{"module": r["name"], "reduction": r["reduction"]}
-                                        for r in data["layers"] if r.get("tap")]
-    total = data.get("total_params") or 0
+    names = report.layer_names
+    taps = report.meta.get("feature_info") or [{"module": row["name"], "reduction": row["reduction"]}
+                                               for row in report.layers if row.get("tap")]
+    total = report.meta.get("total_params") or 0
+    values, _ = report.sensitivity(scale)
+    low, high = report.interval(scale)
     candidates = []
     for i, tap in enumerate(taps[:-1]):
-        row = _tap_value(data["layers"], tap["module"])
+        row = _tap_index(names, tap["module"])
         red = int(tap["reduction"])
-        value = None if row is None else row["cka"].get(str(scale))
-        if row is None or value is None or not min_reduction <= red <= max_reduction:
+        if row is None or not math.isfinite(values[row]) or not min_reduction <= red <= max_reduction:
             continue
         if cuttable is not None and tap["module"] not in cuttable:
             continue
-        dup = (num_subnets - 1) * row.get("cum_params", 0) / total if total else 0.0
-        candidates.append({"module": tap["module"], "reduction": red, "cka": float(value), "dup_fraction": dup,
-                           "dup_params": int((num_subnets - 1) * row.get("cum_params", 0)),
-                           "score": float(value) - param_weight * dup, "robust": float(value) >= threshold,
+        value = float(values[row])
+        cum = report.layers[row].get("cum_params", 0)
+        dup = (num_subnets - 1) * cum / total if total else 0.0
+        band = [float(low[row]), float(high[row])] if math.isfinite(low[row]) and math.isfinite(high[row]) else None
+        candidates.append({"module": tap["module"], "reduction": red, "cka": value, "ci95": band,
+                           "dup_fraction": dup, "dup_params": int((num_subnets - 1) * cum),
+                           "score": value - param_weight * dup, "robust": value >= threshold,
                            "deep_enough": reference / smallest < max_upsample * red, "index": i})
     if not candidates:
         raise ToolkitError(f"the report has no feature_info tap with a CKA value at stride {min_reduction}.."

@@ -9,7 +9,7 @@ and shares the deep part as the unified net (:class:`MSUN`). :func:`save_msun` w
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cka_scale.models import LoadedModel, load_model
+from cka_scale.report import Report
 from msun_builder._destride import SubnetPlan
 from msun_builder._network import MSUN, BranchOutputs, assemble
 from msun_builder._routing import check_routing, check_scales
@@ -64,7 +65,7 @@ def _check_args(scales: Sequence[int], split_reduction: int | None, report: obje
 
 
 def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (32, 128, 224), *,
-                split_reduction: int | None = None, report: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+                split_reduction: int | None = None, report: Report | str | os.PathLike[str] | None = None,
                 weights: str = "none", num_classes: int | None = None, routing: Sequence[tuple[int, int]] | None = None,
                 verify: bool = True) -> MSUN:
     """Build an MSUN from a timm CNN, shaped like ``timm.create_model``.
@@ -76,7 +77,7 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
             part. Each smaller scale's subnet is a copy of it with the same kernels, padding and weights, whose
             first stride steps are set to stride 1, as many as bring its output nearest to U (in log scale).
         split_reduction: Cut after the ``feature_info`` tap with this total stride (the last such tap).
-        report: An analysis report (dict), or the path to a report folder or ``report.json``, from which
+        report: A :class:`cka_scale.Report`, or the path to a report folder or ``report.json``, from which
             ``msun_builder.autosplit.auto_split`` chooses the split. Give exactly one of the two.
         weights: ``"none"``, ``"auto"`` or a state-dict path, as in :func:`cka_scale.load_model` (names only).
         num_classes: Classifier size for a model name (None keeps the model's); for a module it must match.

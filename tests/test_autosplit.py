@@ -1,20 +1,33 @@
 """auto_split follows its documented rule on synthetic reports built from the MSUN authors' published CKA curves."""
 
-import json
+import dataclasses
 
+import numpy as np
 import pytest
 
-from cka_scale import ToolkitError
+from cka_scale import Report, ToolkitError
 from msun_builder.autosplit import auto_split
 
 
-def _report(taps, values, cum_params, total, scales=(32, 224)):
-    """A report.json dict: one layer per tap, CKA at the small scale as given."""
-    layers = [{"name": m, "reduction": r, "tap": True, "cum_params": p,
-               "cka": {str(scales[0]): v, str(scales[-1]): 1.0}, "cka_std": {}}
-              for (m, r), v, p in zip(taps, values, cum_params, strict=True)]
-    return {"format": "cka-scale-report/1", "model": "synthetic", "scales": list(scales), "reference": scales[-1],
-            "total_params": total, "feature_info": [{"module": m, "reduction": r} for m, r in taps], "layers": layers}
+def _report(taps, values, cum_params, total, scales=(32, 224), names=None, more=None):
+    """A Report with one layer per tap (or per name in ``names``); CKA with the reference as given.
+
+    ``values`` is the CKA of the smallest scale; ``more`` maps other non-reference scales to their values. Every
+    layer has a +-0.02 interval (standard error 0.01 from 9 groups, as a jackknife would give).
+    """
+    names = names or [m for m, _ in taps]
+    layers = [{"name": n, "reduction": r, "tap": n == m, "cum_params": p}
+              for n, (m, r), p in zip(names, taps, cum_params, strict=True)]
+    count = len(layers)
+    runs = np.ones((1, len(scales), count, len(scales), count))
+    rows = {scales[0]: values, **(more or {})}
+    ref, idx = len(scales) - 1, np.arange(count)
+    for scale, vals in rows.items():
+        s = list(scales).index(scale)
+        runs[0, ref, idx, s, idx] = runs[0, s, idx, ref, idx] = vals
+    meta = {"total_params": total, "feature_info": [{"module": m, "reduction": r} for m, r in taps]}
+    return Report("synthetic", "none", list(scales), scales[-1], layers, runs, {}, meta,
+                  np.full_like(runs, 0.01), [8])
 
 
 RESNET50 = _report([("act1", 2), ("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)],
@@ -90,16 +103,24 @@ def test_cost_decides_between_robust_taps():
 def test_bounds_cuttable_scale_and_blocks_level_reports(tmp_path):
     assert auto_split(RESNET50, max_reduction=2).module == "act1"
     assert auto_split(RESNET50, cuttable=["layer2", "layer3"]).module == "layer2"
-    blocks = dict(RESNET50)
-    blocks["layers"] = [dict(row, name=row["name"] + ".2", tap=False) if row["name"].startswith("layer") else row
-                        for row in RESNET50["layers"]]
+    blocks = dataclasses.replace(RESNET50, layers=[
+        dict(row, name=row["name"] + ".2", tap=False) if row["name"].startswith("layer") else row
+        for row in RESNET50.layers])
     assert auto_split(blocks).module == "layer1"  # the last block of a stage stands for the stage
-    (tmp_path / "report.json").write_text(json.dumps(RESNET50))
+    RESNET50.save(tmp_path)
     assert auto_split(tmp_path).module == "layer1"
-    three = _report([("a", 4), ("b", 8), ("c", 32)], [0.9, 0.2, 0.1], [1, 2, 3], 10, scales=(32, 64, 224))
-    for row, mid in zip(three["layers"], (0.3, 0.95, 0.5), strict=True):
-        row["cka"]["64"] = mid
+    assert auto_split(tmp_path / "report.json").module == "layer1"
+    three = _report([("a", 4), ("b", 8), ("c", 32)], [0.9, 0.2, 0.1], [1, 2, 3], 10, scales=(32, 64, 224),
+                    more={64: [0.3, 0.95, 0.5]})
     assert auto_split(three).module == "a" and auto_split(three, scale=64).module == "b"
+
+
+def test_candidates_carry_the_interval_of_their_cka():
+    choice = auto_split(RESNET50)
+    first = choice.candidates[0]
+    assert first["module"] == "act1" and first["ci95"] is not None
+    low, high = first["ci95"]
+    assert low < first["cka"] < high and high - low == pytest.approx(2 * 2.306 * 0.01, abs=1e-3)  # t_8
 
 
 def test_errors_name_the_fix(tmp_path):
@@ -107,6 +128,13 @@ def test_errors_name_the_fix(tmp_path):
         auto_split(RESNET50, min_reduction=64, max_reduction=128)
     with pytest.raises(ToolkitError, match="cka-scale analyze"):
         auto_split(tmp_path / "missing")
+    with pytest.raises(ToolkitError, match="Report or the folder"):
+        auto_split({"layers": []})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "report.json").write_text("{not json")
+    (tmp_path / "bad" / "cka.npz").write_bytes(b"")
+    with pytest.raises(ToolkitError, match=r"report\.json"):
+        auto_split(tmp_path / "bad")
     with pytest.raises(ToolkitError, match="not a non-reference scale"):
         auto_split(RESNET50, scale=224)
 
@@ -126,7 +154,7 @@ def test_create_msun_takes_the_split_from_a_report_and_keeps_weight_provenance(t
     taps = [("act1", 2), ("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)]
     report = _report(taps, [0.4, 0.6, 0.9, 0.7, 0.3], [500, 5_000, 30_000, 200_000, 460_000], 469_688,
                      scales=(16, 64))
-    (tmp_path / "report.json").write_text(json.dumps(report))
+    report.save(tmp_path)
     loaded = load_model("test_resnet", weights="none")
     msun = create_msun(loaded, scales=(16, 32, 64), report=tmp_path)
     assert msun.config["split"] == {"module": "layer2", "reduction": 8, "num_chs": 48}

@@ -11,9 +11,10 @@ from msun_builder.presets import PAPER_MODELS, paper_msun
 from scale_common.errors import ToolkitError
 from scale_common.modules import count_params
 
-# The authors' parameter totals as stated in the spec (section 1.4, their figure data 26.0/8.7/141/3.9), in millions.
+# The MSUN authors' parameter totals, in millions (their torchvision-based MSUNs; the paper's figure data reads
+# 26.0/8.7/141/3.9).
 SPEC_MILLIONS = {"resnet50": 26.00, "densenet121": 8.72, "vgg16_bn": 141.84, "mobilenetv2_100": 3.87}
-# Subnet output sides for 32 / 128 / 224 px inputs and U (spec section 1.2).
+# Subnet output sides for 32 / 128 / 224 px inputs and U, as the authors' code (SmallPigPeppa/MSC) builds them.
 SPEC_SIDES = {"resnet50": (34, 64, 56), "densenet121": (17, 32, 28), "vgg16_bn": (29, 31, 28),
               "mobilenetv2_100": (16, 16, 14)}
 CHANNELS = {"resnet50": 256, "densenet121": 128, "vgg16_bn": 256, "mobilenetv2_100": 64}
