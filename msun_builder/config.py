@@ -49,9 +49,14 @@ class TrainConfig:
         amp: ``auto`` (on with CUDA), ``on`` or ``off``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         num_workers: DataLoader worker processes.
-        train_images: Use this many training images (a fixed random subset); all when None.
-        test_images: Images of the test split evaluated after every epoch; all when None.
-        holdout_images: Training images held out as a validation split (MSDNet threshold fitting).
+        train_images: Use this many training images (a seeded, class-stratified subset); all when None.
+        test_images: Images of the test split evaluated after every epoch (a class-stratified subset, the same
+            for every run); all when None. Only for watching a run: no decision reads them.
+        holdout_images: Training images held out as a validation split (seeded, class-stratified), on which every
+            decision is made (MSUN routing, MSDNet thresholds); None: :func:`msun_builder.runs.default_holdout`,
+            0: none.
+        routing_sizes: Input sizes at which each MSUN branch is scored on the validation split after training to
+            fit its routing table; None: every reference/8 px up to the reference, plus the scales.
         msdnet_preset: MSDNet preset (``small``, ``cifar-anytime``, ...).
     """
 
@@ -83,6 +88,7 @@ class TrainConfig:
     train_images: int | None = None
     test_images: int | None = 1000
     holdout_images: int | None = None
+    routing_sizes: tuple[int, ...] | None = None
     msdnet_preset: str = "small"
 
     def resolved(self) -> TrainConfig:

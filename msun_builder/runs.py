@@ -24,9 +24,17 @@ from msun_builder.config import TrainConfig
 from scale_common.errors import ToolkitError
 from scale_common.files import atomic_torch_save, atomic_write_json, read_json, read_torch
 
-__all__ = ["CHECKPOINT_KEYS", "RUN_FORMAT", "RunRecord", "holdout_split", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_KEYS", "MAX_HOLDOUT", "RUN_FORMAT", "TEST_SUBSET_SEED", "RunRecord", "data_split",
+           "default_holdout", "load_checkpoint", "save_checkpoint", "test_subset"]
 
-RUN_FORMAT = "msun-run/1"
+#: Version 2: subsets are class-stratified, a validation split is carved by default, ``validation`` holds the
+#: routing fitted on it. A version-1 record's subsets cannot be rebuilt, so it is refused (train again).
+RUN_FORMAT = "msun-run/2"
+#: The largest validation split carved by default (images).
+MAX_HOLDOUT = 2000
+#: Every test subset (``--test-images``, ``msun-eval --images``) is drawn with this seed, whatever the training seed,
+#: so runs trained with different seeds and methods are scored on the same images (a paired comparison).
+TEST_SUBSET_SEED = 0
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "rng", "metrics")
 _START_AGAIN = "start the run again without --resume (or with another --out)"
 
@@ -42,7 +50,7 @@ class RunRecord:
         data: Description of the training data.
         data_config: timm preprocessing config (mean, std, interpolation, crop) the model was trained with.
         train_images: Training images used.
-        holdout_images: Training images held out as a validation split.
+        holdout_images: Training images held out as a validation split (:func:`data_split` rebuilds it).
         world_size: Processes that trained it.
         architecture: timm model name or MSDNet preset.
         weights: Where the starting weights came from.
@@ -52,6 +60,10 @@ class RunRecord:
         exit_flops: Cumulative FLOPs per image of each MSDNet exit.
         split: The MSUN split: module, reduction and, when chosen automatically, the reason and candidates.
         build: The MSUN cost table printed when it was built (parameters, FLOPs per branch).
+        validation: After training, what was measured on the validation split. For a routed model (MSUN):
+            ``images``, ``sizes``, ``accuracy`` (``{"<branch scale>": {"<size>": accuracy}}``), ``rule`` (the
+            default routing table) and ``routing`` (the table fitted on it: the best branch per size), tables as
+            ``[[max_size_inclusive, scale], ...]``. None before training ends or without a validation split.
     """
 
     method: str
@@ -70,6 +82,7 @@ class RunRecord:
     exit_flops: list[int] | None = None
     split: dict[str, Any] | None = None
     build: dict[str, Any] | None = field(default=None)
+    validation: dict[str, Any] | None = None
 
     @property
     def reference(self) -> int:
@@ -172,9 +185,68 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return read_torch(path, what="training checkpoint", fix=fix, keys=CHECKPOINT_KEYS)
 
 
-def holdout_split(count: int, holdout: int, seed: int) -> tuple[list[int], list[int]]:
-    """Split ``range(count)`` into (train, held-out) index lists, fixed by ``seed``."""
-    import torch
+def default_holdout(pool: int, train_images: int | None, num_classes: int) -> int:
+    """The validation split carved when ``--holdout-images`` is not given.
 
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(10_007 + seed)).tolist()
-    return sorted(order[holdout:]), sorted(order[:holdout])
+    A fifth of the training images the run uses (``train_images``, or the whole pool), at least two per class, at
+    most :data:`MAX_HOLDOUT` and at most half the pool.
+
+    Args:
+        pool: Images in the training split of the data.
+        train_images: ``--train-images`` (None: the whole pool).
+        num_classes: Classes in the data.
+
+    Returns:
+        The number of validation images (0 when the pool is too small to spare any).
+    """
+    used = pool if train_images is None else min(pool, train_images)
+    want = min(MAX_HOLDOUT, max(2 * num_classes, used // 5))
+    return max(0, min(want, pool // 2))
+
+
+def data_split(labels: list[int], *, holdout: int, train: int | None, seed: int) -> tuple[list[int], list[int]]:
+    """The training and validation indices of a run: both seeded and class-stratified, disjoint.
+
+    The validation split (``holdout`` images) is carved from the whole training split first; ``train`` images (all
+    the rest when None) are then drawn from what remains. Training and evaluation both call this, so evaluation
+    rebuilds a run's validation split from its record (``holdout_images``, ``config.train_images``,
+    ``config.seed``).
+
+    Args:
+        labels: One class id per image of the data's training split.
+        holdout: Validation images (0: none).
+        train: Training images wanted (None: all that remain).
+        seed: The run's seed.
+
+    Returns:
+        ``(train_indices, validation_indices)``, sorted.
+
+    Raises:
+        ToolkitError: The split leaves no training images.
+    """
+    from scale_common.subsets import stratified_split, stratified_subset
+
+    indices, val = list(range(len(labels))), []
+    if holdout:
+        indices, val = stratified_split(labels, holdout, seed=10_007 + seed)
+    if train is not None and train < len(indices):
+        picked = stratified_subset([labels[i] for i in indices], train, seed=seed)
+        indices = [indices[i] for i in picked]
+    return indices, val
+
+
+def test_subset(labels: list[int], count: int | None) -> list[int]:
+    """Indices of the test images evaluated: all, or a class-stratified subset the same for every run.
+
+    Args:
+        labels: One class id per image of the data's test split.
+        count: Images wanted (None: all).
+
+    Returns:
+        Sorted indices, drawn with :data:`TEST_SUBSET_SEED` whatever the run's seed (a paired comparison).
+    """
+    if count is None or count >= len(labels):
+        return list(range(len(labels)))
+    from scale_common.subsets import stratified_subset
+
+    return stratified_subset(labels, count, seed=TEST_SUBSET_SEED)
