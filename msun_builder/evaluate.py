@@ -32,7 +32,7 @@ from cka_scale.plot import save_figure
 from msun_builder.config import EvalConfig, parse_sizes
 from msun_builder.flops import count_flops
 from msun_builder.methods import get_method
-from msun_builder.runs import RunRecord, holdout_split
+from msun_builder.runs import RunRecord, data_split, test_subset
 from msun_builder.transforms import test_transform
 from scale_common.device import resolve_device
 from scale_common.errors import ToolkitError
@@ -54,8 +54,7 @@ def _evaluate_run(run_dir: Path, data: str, sizes: Sequence[int], native: bool, 
     if len(test.classes) != len(record.classes):
         raise ToolkitError(f"{run_dir} was trained on {len(record.classes)} classes but --data {data} has "
                            f"{len(test.classes)}: evaluate on the data it was trained on")
-    if images is not None and images < len(test):
-        test = Subset(test, list(range(images)))
+    test = Subset(test, test_subset(test.labels, images))
     views = entry.views(model)
     correct = {(label, s): 0 for label in views for s in sizes}
     seen = 0
@@ -106,10 +105,9 @@ def _msdnet_tables(run_dir: Path, record: RunRecord, model: nn.Module, data: str
                            "--holdout-images N (e.g. 5000)")
     transform = test_transform(data, reference, record.data_config)
     train = open_dataset(data, "train", transform=transform)
-    _, val_idx = holdout_split(len(train), holdout, record.config.seed)
+    _, val_idx = data_split(train.labels, holdout=holdout, train=record.config.train_images, seed=record.config.seed)
     test = open_dataset(data, "test", transform=transform)
-    if images is not None and images < len(test):
-        test = Subset(test, list(range(images)))
+    test = Subset(test, test_subset(test.labels, images))
     val_probs, val_labels = _probs(model, Subset(train, val_idx), device)
     test_probs, test_labels = _probs(model, test, device)
     flops = record.exit_flops

@@ -32,14 +32,15 @@ from tqdm.auto import tqdm
 from cka_scale.data import open_dataset
 from msun_builder.config import TrainConfig
 from msun_builder.methods import Built, check_method
-from msun_builder.runs import RunRecord, holdout_split, load_checkpoint, save_checkpoint
+from msun_builder.runs import RunRecord, data_split, default_holdout, load_checkpoint, save_checkpoint, test_subset
 from msun_builder.transforms import test_transform, train_transform
+from scale_common.device import resolve_device
 from scale_common.distributed import DistContext, distributed
 from scale_common.errors import ToolkitError
 from scale_common.files import atomic_write_bytes, atomic_write_json
 from scale_common.seeds import rng_state, seed_everything, set_rng_state
 
-__all__ = ["build_model", "resume", "train"]
+__all__ = ["build_model", "fit_validation_routing", "resume", "routing_sizes", "train"]
 
 
 def build_model(cfg: TrainConfig, num_classes: int, *, base: Any = None, resumed: bool = False) -> Built:
@@ -165,7 +166,9 @@ def resume(out: str | Path, *, device: str | None = None, num_workers: int | Non
     state = load_checkpoint(out)
     cfg = dataclasses.replace(record.config, **{k: v for k, v in (("device", device), ("num_workers", num_workers))
                                                 if v is not None})
-    if int(state["epoch"]) >= cfg.epochs:
+    if int(state["epoch"]) >= cfg.epochs and (out / "model").is_dir():
+        if record.validation is None:  # stopped after the last epoch, before the routing was fitted
+            fit_validation_routing(out, device=resolve_device(cfg.device), progress=progress)
         return state["metrics"][-1] if state["metrics"] else {}
     built = build_model(cfg, len(record.classes), resumed=True)
     return _fit(cfg, out, built, state, progress, {"split": record.split, "build": record.build})
@@ -180,18 +183,11 @@ def _fit(cfg: TrainConfig, out: Path, built: Built, state: dict[str, Any] | None
         train_set = open_dataset(cfg.data, "train")
         classes = train_set.classes
         model, data_config = built.model.to(ctx.device), built.data_config
-        indices = list(range(len(train_set)))
-        holdout: list[int] = []
-        if cfg.holdout_images:
-            indices, holdout = holdout_split(len(train_set), cfg.holdout_images, cfg.seed)
-        if cfg.train_images is not None and cfg.train_images < len(indices):
-            pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-            indices = sorted(indices[i] for i in pick[: cfg.train_images])
+        indices, holdout = _run_split(cfg, train_set.labels, len(classes))
         description = train_set.description
         train_set = Subset(train_set.with_transform(train_transform(cfg.data, cfg.reference, data_config)), indices)
         test_set = open_dataset(cfg.data, "test", transform=test_transform(cfg.data, cfg.reference, data_config))
-        if cfg.test_images is not None and cfg.test_images < len(test_set):
-            test_set = Subset(test_set, list(range(cfg.test_images)))
+        test_set = Subset(test_set, test_subset(test_set.labels, cfg.test_images))
         per_rank = cfg.batch_size // ctx.world_size
         if len(train_set) < cfg.batch_size:
             raise ToolkitError(f"{len(train_set)} training images are fewer than --batch-size {cfg.batch_size}")
@@ -287,6 +283,93 @@ def _fit(cfg: TrainConfig, out: Path, built: Built, state: dict[str, Any] | None
                 torch.distributed.barrier()
         if ctx.is_main:
             method.save(step.model, out / "model")
+            fit_validation_routing(out, device=ctx.device, progress=progress)
         if writer is not None:
             writer.close()
     return row
+
+
+def _run_split(cfg: TrainConfig, labels: list[int], num_classes: int) -> tuple[list[int], list[int]]:
+    """The run's training and validation indices (stratified, seeded; see :func:`msun_builder.runs.data_split`)."""
+    holdout = cfg.holdout_images
+    if holdout is None:
+        holdout = default_holdout(len(labels), cfg.train_images, num_classes)
+    return data_split(labels, holdout=holdout, train=cfg.train_images, seed=cfg.seed)
+
+
+def routing_sizes(scales: tuple[int, ...] | list[int], sizes: tuple[int, ...] | None = None) -> list[int]:
+    """The input sizes a routing table is fitted at.
+
+    ``sizes`` when given, else every reference/8 px up to the reference plus the scales themselves (for 32/128/224:
+    28, 32, 56, 84, 112, 128, 140, ..., 224).
+
+    Args:
+        scales: The MSUN's scales.
+        sizes: Explicit sizes (``TrainConfig.routing_sizes``).
+
+    Returns:
+        Sorted distinct sizes.
+    """
+    if sizes:
+        return sorted({int(v) for v in sizes})
+    reference = max(scales)
+    step = max(1, reference // 8)
+    return sorted(set(range(step, reference + 1, step)) | {int(v) for v in scales})
+
+
+@torch.no_grad()
+def fit_validation_routing(out: str | Path, *, device: torch.device | str = "cpu", batch_size: int = 128,
+                           progress: bool = True) -> dict[str, Any] | None:
+    """Score each branch of a trained routed model (MSUN) on the run's validation split; store the fitted routing.
+
+    Every validation image (preprocessed at the reference size, like a test image) is shrunk to each size of
+    :func:`routing_sizes` and re-enlarged (the paper's protocol), and every branch classifies it. The table that
+    sends each size to its most accurate branch (:func:`msun_builder._routing.fit_routing`) is written to the run
+    record's ``validation`` field beside the accuracies and the default rule; ``msun-eval`` reports the test
+    accuracy of both tables. Runs of models without branches, or without a validation split, are left as they are.
+
+    Args:
+        out: A finished run folder (``model/`` saved).
+        device: Where to run the model.
+        batch_size: Validation batch size.
+        progress: A progress bar.
+
+    Returns:
+        The ``validation`` dict written, or None when there is nothing to fit.
+    """
+    from msun_builder._routing import default_routing, fit_routing
+    from msun_builder.methods import get_method
+    from scale_common.resize import down_up
+
+    out = Path(out)
+    record = RunRecord.load(out)
+    if not record.holdout_images:
+        return None
+    model = get_method(record.method).load(out / "model")
+    if not hasattr(model, "route"):
+        return None
+    device = torch.device(device)
+    model = model.to(device).eval()
+    cfg = record.config
+    train_set = open_dataset(cfg.data, "train", transform=test_transform(cfg.data, record.reference,
+                                                                        record.data_config))
+    _, holdout = data_split(train_set.labels, holdout=record.holdout_images, train=cfg.train_images, seed=cfg.seed)
+    sizes = routing_sizes(cfg.scales, cfg.routing_sizes)
+    scales = list(model.scales)
+    correct = {(b, s): 0 for b in scales for s in sizes}
+    loader = DataLoader(Subset(train_set, holdout), batch_size=batch_size, num_workers=cfg.num_workers)
+    for images, labels in tqdm(loader, desc="validation routing", unit="batch", leave=False, disable=not progress):
+        images, labels = images.to(device), labels.to(device)
+        for size in sizes:
+            shrunk = images if size == record.reference else down_up(images, size)
+            for branch in scales:
+                logits = model.forward_branch(shrunk, branch)[0]
+                correct[(branch, size)] += int((logits.argmax(-1) == labels).sum())
+    accuracy = {key: value / len(holdout) for key, value in correct.items()}
+    rule = default_routing(scales)
+    fitted = fit_routing(accuracy, sizes, scales, rule=rule)
+    validation = {"images": len(holdout), "sizes": sizes,
+                  "accuracy": {str(b): {str(s): accuracy[(b, s)] for s in sizes} for b in scales},
+                  "rule": [list(pair) for pair in rule], "routing": [list(pair) for pair in fitted]}
+    dataclasses.replace(record, validation=validation).save(out)
+    return validation

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from cka_scale import ToolkitError
 from msun_builder.config import TrainConfig
 from msun_builder.methods import get_method
-from msun_builder.runs import RunRecord, holdout_split
-from msun_builder.train import build_model, resume, train
+from msun_builder.runs import RunRecord, data_split, default_holdout, test_subset
+from msun_builder.train import build_model, fit_validation_routing, resume, routing_sizes, train
 
 
 def fit(cfg, out):
@@ -105,10 +105,43 @@ def test_two_process_ddp_training(tmp_path):
     assert get_method("msun").load(tmp_path / "model")(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_holdout_split_is_disjoint_and_fixed():
-    train_idx, held = holdout_split(100, 10, seed=3)
-    assert len(held) == 10 and not set(train_idx) & set(held) and len(train_idx) == 90
-    assert holdout_split(100, 10, seed=3) == (train_idx, held)
+def test_run_subsets_are_stratified_disjoint_and_fixed():
+    labels = [c for c in range(10) for _ in range(30)]  # class-sorted, like an ImageFolder
+    train_idx, held = data_split(labels, holdout=40, train=50, seed=3)
+    assert len(held) == 40 and len(train_idx) == 50 and not set(train_idx) & set(held)
+    assert {labels[i] for i in held} == set(range(10)) and {labels[i] for i in train_idx} == set(range(10))
+    assert data_split(labels, holdout=40, train=50, seed=3) == (train_idx, held)
+    assert data_split(labels, holdout=40, train=50, seed=4) != (train_idx, held)
+    assert data_split(labels, holdout=0, train=None, seed=0) == (list(range(300)), [])
+    first = test_subset(labels, 20)  # the first 20 would be two classes
+    assert len(first) == 20 and {labels[i] for i in first} == set(range(10)) and test_subset(labels, 20) == first
+    assert test_subset(labels, None) == list(range(300))
+    assert default_holdout(60_000, None, 10) == 2000 and default_holdout(60_000, 64, 10) == 20
+    assert default_holdout(30, None, 10) == 15  # never more than half the pool
+
+
+def test_routing_sizes_cover_the_scales_and_a_grid():
+    assert routing_sizes((32, 128, 224)) == [28, 32, 56, 84, 112, 128, 140, 168, 196, 224]
+    assert routing_sizes((16, 32), (24, 8, 24)) == [8, 24]
+
+
+def test_msun_run_stores_the_routing_fitted_on_validation_and_resume_fills_it_in(tmp_path):
+    fit(TrainConfig(method="msun", epochs=1, split_reduction=8, routing_sizes=(8, 16, 24, 32), **TINY), tmp_path)
+    record = RunRecord.load(tmp_path)
+    val = record.validation
+    assert record.holdout_images == 20 and val["images"] == 20 and val["sizes"] == [8, 16, 24, 32]
+    assert val["rule"] == [[16, 16], [32, 32]] and set(val["accuracy"]) == {"16", "32"}
+    for size in val["sizes"]:  # the fitted table sends each size to a branch at least as accurate as the other
+        branch = next((scale for bound, scale in val["routing"] if size <= bound), val["routing"][-1][1])
+        assert val["accuracy"][str(branch)][str(size)] == max(val["accuracy"][b][str(size)] for b in ("16", "32"))
+    import dataclasses
+
+    dataclasses.replace(record, validation=None).save(tmp_path)  # as if killed after the last epoch
+    resume(tmp_path, progress=False)
+    assert RunRecord.load(tmp_path).validation == val
+    vanilla = tmp_path / "vanilla"
+    fit(TrainConfig(method="vanilla", epochs=1, **TINY), vanilla)
+    assert RunRecord.load(vanilla).validation is None and fit_validation_routing(vanilla) is None
 
 
 @pytest.mark.parametrize("field,value,match", [
