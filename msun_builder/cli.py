@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-reduction", type=int, default=None, help="cut after the feature_info tap of this stride")
     g.add_argument("--split-threshold", type=float, default=None,
                    help="auto-split: CKA a tap must reach (default: auto_split's, 0.8)")
+    g.add_argument("--preset", choices=("paper",), default=None,
+                   help="paper: the MSUN authors' own design for resnet50, densenet121, vgg16_bn or mobilenetv2_100 "
+                        "(their split point and replaced small/mid stems) instead of --auto-split/--split-reduction")
+    g.add_argument("--stem-init", choices=("crop", "random"), default=None,
+                   help="--preset paper: new stems from the centre of the pretrained kernel, or random")
     g.add_argument("--weights", default=None, help="auto (bundled or hub), none, or a state-dict path")
     g.add_argument("--num-classes", type=int, default=None, help="classifier size when only building")
     g.add_argument("--out", default=None, help="output folder (default: runs/METHOD-MODEL)")
@@ -74,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--si-detach-reference", action="store_true", default=None,
                    help="no gradient into the reference branch")
     t.add_argument("--si-kind", choices=("mse", "cosine", "cka"), default=None, help="the constraint's distance")
-    t.add_argument("--train-images", type=int, default=None, help="train on a fixed random subset of this size")
-    t.add_argument("--test-images", type=int, default=None, help="test images evaluated after each epoch")
-    t.add_argument("--holdout-images", type=int, default=None, help="held-out training images (MSDNet thresholds)")
+    t.add_argument("--train-images", type=int, default=None,
+                   help="train on a seeded, class-stratified subset of this size")
+    t.add_argument("--test-images", type=int, default=None,
+                   help="test images watched after each epoch (class-stratified, the same for every run)")
+    t.add_argument("--holdout-images", type=int, default=None,
+                   help="validation split carved from the training data for every decision (MSUN routing, MSDNet "
+                        "thresholds); default: a fifth of the training images used, 2 per class to 2000; 0: none")
     t.add_argument("--msdnet-preset", default=None, help="small, cifar-anytime, cifar-budgeted or imagenet")
     t.add_argument("--amp", choices=("auto", "on", "off"), default=None, help="mixed precision (auto: on CUDA)")
     t.add_argument("--resume", default=None, metavar="RUN", help="continue the killed run in this folder")
@@ -134,8 +143,10 @@ def _build(args: argparse.Namespace) -> int:
         raise ToolkitError(f"--method {cfg.method} only trains: add --data DATA --epochs E")
     if method.needs_model and not args.model:
         raise ToolkitError("give a timm model name, e.g. msun-build tf_efficientnet_lite0 --auto-split ...")
-    if method.needs_split and args.auto_split == (args.split_reduction is not None):
-        raise ToolkitError("give exactly one of --auto-split and --split-reduction R")
+    if method.needs_split and args.auto_split + (args.split_reduction is not None) + (cfg.preset is not None) != 1:
+        raise ToolkitError("give exactly one of --auto-split, --split-reduction R and --preset paper")
+    if cfg.preset is not None and not method.needs_split:
+        raise ToolkitError(f"--preset paper builds an MSUN: drop it for --method {cfg.method}")
     out = Path(args.out or f"runs/{cfg.method}-{args.model or cfg.msdnet_preset}")
     num_classes = args.num_classes
     if training:
@@ -152,12 +163,17 @@ def _build(args: argparse.Namespace) -> int:
 
         seed_everything(cfg.seed, -1)  # a random initialisation (--weights none) follows --seed
         base = load_model(cfg.model, cfg.weights, num_classes=num_classes)
-        split = _choose_split(args, cfg, base, out)
-        cfg = dataclasses.replace(cfg, split_reduction=split["reduction"])
+        if cfg.preset is None:
+            split = _choose_split(args, cfg, base, out)
+            cfg = dataclasses.replace(cfg, split_reduction=split["reduction"])
+        else:
+            split = {"reduction": None, "auto": False, "preset": cfg.preset}
     built = build_model(cfg, num_classes or 1000, base=base)
     if method.needs_split:
         split["module"] = built.facts["split"]["module"]
-        reason = split.get("reason") or f"after {split['module']} (stride {split['reduction']}), as given"
+        reason = split.get("reason") or (f"after {split['module']}, the MSUN authors' design for {cfg.model}"
+                                         if cfg.preset else f"after {split['module']} (stride {split['reduction']}), "
+                                         "as given")
         print(f"split: {reason}")
         table = msun_cost_table(built.model, base.model)
         print("\n" + format_cost_table(table))

@@ -40,6 +40,9 @@ class TrainConfig:
         seed: Seeds the data order, augmentation and initialisation.
         weights: ``auto``, ``none`` or a state-dict path (the starting weights).
         split_reduction: MSUN cut, a ``feature_info`` stride; see :func:`msun_builder.create_msun`.
+        preset: ``paper``: build the MSUN authors' own design for the model (:mod:`msun_builder.presets`: their
+            split point and replaced stems) instead of cutting at ``split_reduction``; None: the default surgery.
+        stem_init: With ``preset="paper"``: ``crop`` (centre of the pretrained stem kernel) or ``random``.
         si_weight: lambda of the scale-invariant constraint.
         si_tau: Truncation of each constraint term.
         si_pairs: ``all`` or ``reference``.
@@ -76,6 +79,8 @@ class TrainConfig:
     seed: int = 0
     weights: str = "auto"
     split_reduction: int | None = None
+    preset: str | None = None
+    stem_init: str = "crop"
     si_weight: float = 1.0
     si_tau: float = 0.01
     si_pairs: str = "all"
@@ -109,6 +114,10 @@ class TrainConfig:
             raise ToolkitError(f"--si-kind must be one of {', '.join(SI_KINDS)}, got {self.si_kind!r}")
         if self.si_pairs not in SI_PAIRS:
             raise ToolkitError(f"--si-pairs must be one of {', '.join(SI_PAIRS)}, got {self.si_pairs!r}")
+        if self.preset not in (None, "paper"):
+            raise ToolkitError(f"--preset must be paper (or left out), got {self.preset!r}")
+        if self.stem_init not in ("crop", "random"):
+            raise ToolkitError(f"--stem-init must be crop or random, got {self.stem_init!r}")
         if self.amp not in ("auto", "on", "off"):
             raise ToolkitError("--amp must be auto, on or off")
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):

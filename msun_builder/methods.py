@@ -231,16 +231,22 @@ def _build_plain(cfg: TrainConfig, num_classes: int, base: Any, resumed: bool) -
 def _build_msun(cfg: TrainConfig, num_classes: int, base: Any, resumed: bool) -> Built:
     from msun_builder.msun import create_msun
 
-    if cfg.split_reduction is None:
-        raise ToolkitError("--method msun needs --split-reduction R or --auto-split")
+    if cfg.preset is None and cfg.split_reduction is None:
+        raise ToolkitError("--method msun needs --split-reduction R, --auto-split or --preset paper")
     loaded = _load_base(cfg, num_classes, base, resumed)
     vanilla_params = count_params(loaded.model)
-    msun = create_msun(loaded, cfg.scales, split_reduction=cfg.split_reduction)
-    split = msun.config["split"]
+    if cfg.preset == "paper":
+        from msun_builder.presets import paper_msun
+
+        msun = paper_msun(loaded, cfg.scales, stem_init=cfg.stem_init)
+        split = {**msun.config["split"], "reduction": None}
+    else:
+        msun = create_msun(loaded, cfg.scales, split_reduction=cfg.split_reduction)
+        split = msun.config["split"]
     return Built(msun, loaded.data_config, {
         "architecture": cfg.model, "weights": loaded.weights, "params": count_params(msun),
         "vanilla_params": vanilla_params,
-        "split": {"module": split["module"], "reduction": split["reduction"]}})
+        "split": {k: split[k] for k in ("module", "reduction", "owned") if k in split}})
 
 
 def _build_msdnet(cfg: TrainConfig, num_classes: int, base: Any, resumed: bool) -> Built:

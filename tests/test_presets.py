@@ -1,5 +1,7 @@
 """The authors' MSUNs (presets): parameter counts and subnet shapes against their code, equivalence, save/load."""
 
+import json
+
 import pytest
 import timm
 import torch
@@ -122,3 +124,27 @@ def test_full_size_models_run_every_branch_and_the_large_one_is_the_model(name):
         outs = msun.forward_branches(x)
     assert [tuple(f.shape[-2:]) for f in outs.features] == [(msun.unified_size,) * 2] * 3
     assert all(y.shape == (1, 1000) for y in outs.logits)
+
+
+def test_msun_build_preset_paper_builds_trains_and_resumes_the_authors_design(tmp_path):
+    from msun_builder.cli import build_main
+    from msun_builder.config import TrainConfig
+    from msun_builder.runs import RunRecord
+    from msun_builder.train import build_model, resume, train
+
+    assert build_main(["resnet50", "--preset", "paper", "--weights", "none", "--num-classes", "10",
+                       "--out", str(tmp_path / "built"), "--quiet"]) == 0
+    built = load_msun(tmp_path / "built")
+    assert built.config["preset"] == "paper" and built.config["split"]["module"] == "layer1"
+    assert build_main(["resnet50", "--preset", "paper", "--split-reduction", "4", "--weights", "none",
+                       "--out", str(tmp_path / "x"), "--quiet"]) == 2  # one way to choose the split
+    cfg = TrainConfig(model="resnet50", method="msun", preset="paper", stem_init="random", weights="none",
+                      scales=(16, 32, 64), data="fashion-mnist-subset", epochs=1, batch_size=16, train_images=32,
+                      test_images=16, holdout_images=10, routing_sizes=(16, 32, 64), device="cpu")
+    run = tmp_path / "run"
+    train(cfg, run, build_model(cfg, 10), progress=False)
+    record = RunRecord.load(run)
+    assert record.split == {"module": "layer1", "owned": ["conv1", "bn1", "act1", "maxpool", "layer1"],
+                            "reduction": None}
+    assert record.validation["images"] == 10 and load_msun(run / "model").config["stem_init"] == "random"
+    assert resume(run, progress=False) == json.loads((run / "metrics.json").read_text())[-1]
