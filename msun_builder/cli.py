@@ -109,9 +109,12 @@ def _choose_split(args: argparse.Namespace, cfg: TrainConfig, loaded: Any, out: 
         from cka_scale.analyze import analyze
         from cka_scale.config import AnalyzeConfig
 
+        # the split is a decision: measured on training images, never on the test split
         acfg = AnalyzeConfig(model=cfg.model, scales=cfg.scales, data=cfg.data if args.data else "samples",
-                             layers="stages", device=cfg.device, weights=cfg.weights)
-        print(f"no --report given: measuring CKA first ({acfg.data}, scales {list(acfg.scales)}, stages)")
+                             split="train" if args.data else "test", layers="stages", device=cfg.device,
+                             weights=cfg.weights, seed=cfg.seed)
+        print(f"no --report given: measuring CKA first ({acfg.data} {acfg.split} split, scales "
+              f"{list(acfg.scales)}, stages)")
         report = analyze(acfg, model=loaded.model, data_config=loaded.data_config, progress=not args.quiet)
         report.save(out / "analysis")
     cuttable = [t.module for t in splittable_taps(loaded.model)]
