@@ -198,15 +198,22 @@ def eval_parser() -> argparse.ArgumentParser:
     """The ``msun-eval`` argument parser (defaults shown from :class:`EvalConfig`)."""
     p = argparse.ArgumentParser(
         prog="msun-eval", formatter_class=defaults_formatter(EvalConfig),
-        description="Accuracy and FLOPs per test size for trained runs side by side (MSUN routed and best branch, "
-                    "vanilla, MST, MSDNet): CSV, Markdown table and plot. MSDNet runs also get the anytime table "
-                    "and the budgeted-batch curve.")
+        description="Accuracy and FLOPs per test size for trained runs side by side (MSUN rule-routed, "
+                    "validation-routed and oracle best branch; vanilla, MST, MSDNet), every accuracy and every "
+                    "MSUN-minus-baseline difference with a 95% interval (paired bootstrap over test images). Runs "
+                    "that differ only in --seed are grouped into one row. CSV, JSON, Markdown, per-image "
+                    "correctness (correct.npz) and plots. MSDNet runs also get the anytime table and the "
+                    "budgeted-batch curve.")
     p.add_argument("runs", nargs="+", help="run folders written by msun-build --epochs")
     p.add_argument("--data", required=True, help="data whose test split is used (the one the runs trained on)")
     p.add_argument("--sizes", default=None, help="start:stop:step (inclusive) or a comma list")
     p.add_argument("--native", action="store_true", default=None,
                    help="feed each size as is (default: shrink to the size and re-enlarge, the paper's protocol)")
-    p.add_argument("--images", type=int, default=None, help="evaluate N test images (default: all)")
+    p.add_argument("--images", type=int, default=None,
+                   help="evaluate a class-stratified subset of N test images, the same for every run (default: all)")
+    p.add_argument("--lossy-below", type=int, default=None,
+                   help="average the sizes below this separately (default: the data's native size, 28 for "
+                        "Fashion-MNIST)")
     p.add_argument("--batch-size", type=int, default=None, help="test batch size")
     p.add_argument("--out", default=None, help="output folder")
     add_common(p, device=True)
@@ -219,7 +226,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from msun_builder.evaluate import evaluate_runs
 
     rows = evaluate_runs(args.runs, data=cfg.data, sizes=sizes, out=cfg.out, native=cfg.native,
-                         batch_size=cfg.batch_size, device=cfg.device, images=cfg.images, progress=not args.quiet)
+                         batch_size=cfg.batch_size, device=cfg.device, images=cfg.images,
+                         lossy_below=cfg.lossy_below, progress=not args.quiet)
     if not args.quiet:
         print(Path(cfg.out, "eval.md").read_text())
         print(f"{len(rows)} rows in {cfg.out}/eval.csv; plot: {cfg.out}/accuracy_by_size.png")

@@ -177,7 +177,9 @@ class EvalConfig:
         data: ``--data`` source whose test split is used (the one the runs trained on).
         sizes: Test sizes, ``start:stop:step`` (inclusive) or a comma list.
         native: Feed each size as is instead of shrinking and re-enlarging to the reference.
-        images: Evaluate this many test images (all when None).
+        images: Evaluate a class-stratified subset of this many test images, the same for every run (all when None).
+        lossy_below: Sizes below this are averaged separately, the lossy ones (None: the native image size of
+            ``data`` when it has one, 28 for Fashion-MNIST).
         batch_size: Test batch size.
         out: Output folder.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -187,6 +189,14 @@ class EvalConfig:
     sizes: str = "32:224:16"
     native: bool = False
     images: int | None = None
+    lossy_below: int | None = None
     batch_size: int = 128
     out: str = "runs/eval"
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Refuse counts that cannot be meant (the message names the flag)."""
+        for flag, value in (("--images", self.images), ("--lossy-below", self.lossy_below),
+                            ("--batch-size", self.batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ToolkitError(f"{flag} must be a positive integer, got {value!r}")

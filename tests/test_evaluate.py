@@ -1,14 +1,18 @@
-"""msun-eval: per-size accuracy and FLOPs side by side, routed and best-branch MSUN, native mode, MSDNet tables."""
+"""msun-eval: per-size accuracy with intervals and FLOPs, seed groups, rule/validation/oracle MSUN rows, native mode."""
 
 import csv
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from cka_scale import ToolkitError
+from msun_builder._routing import route
 from msun_builder.cli import eval_main
 from msun_builder.config import TrainConfig, parse_sizes
-from msun_builder.evaluate import evaluate_runs, markdown_table
+from msun_builder.evaluate import ORACLE, RULE, VALIDATION, evaluate_runs, group_runs, markdown_table
+from msun_builder.runs import RunRecord
 from msun_builder.train import build_model, train
 
 TINY = dict(model="test_resnet", weights="none", scales=(16, 32), data="fashion-mnist-subset", batch_size=16,
@@ -23,7 +27,8 @@ def fit(cfg, out):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     fit(TrainConfig(method="msun", split_reduction=8, **TINY), root / "msun")
-    fit(TrainConfig(method="vanilla", **TINY), root / "vanilla")
+    for seed in (0, 1):
+        fit(TrainConfig(method="vanilla", seed=seed, **TINY), root / f"vanilla-s{seed}")
     fit(TrainConfig(method="msdnet", holdout_images=40, **{**TINY, "scales": (32,)}), root / "msdnet")
     return root
 
@@ -34,38 +39,61 @@ def _rows(path):
 
 
 def test_paper_protocol_table(runs, tmp_path):
-    rows = evaluate_runs([runs / "msun", runs / "vanilla"], data="fashion-mnist-subset", sizes=[16, 24, 32],
-                         out=tmp_path, images=24, progress=False)
-    labels = {(r["run"], r["label"]) for r in rows}
-    assert {("msun", "msun (routed)"), ("msun", "msun (best branch)"), ("msun", "msun branch 16"),
-            ("vanilla", "vanilla")} <= labels
+    rows = evaluate_runs([runs / "msun", runs / "vanilla-s0", runs / "vanilla-s1"], data="fashion-mnist-subset",
+                         sizes=[16, 24, 32], out=tmp_path, images=24, resamples=200, progress=False)
+    at = {(r["label"], r["size"]): r for r in rows}
+    record = RunRecord.load(runs / "msun")
+    fitted = record.validation["routing"]
     for s in (16, 24, 32):
-        at = {r["label"]: r for r in rows if r["size"] == s and r["run"] == "msun"}
-        branches = [at[f"msun branch {b}"]["accuracy"] for b in (16, 32)]
-        assert at["msun (best branch)"]["accuracy"] == max(branches)
-        routed = 16 if s <= 16 else 32  # the smallest scale at least the size (default_routing)
-        assert at["msun (routed)"]["accuracy"] == at[f"msun branch {routed}"]["accuracy"]
-        assert at["msun (routed)"]["flops"] == at[f"msun branch {routed}"]["flops"]
-    vanilla = [r["flops"] for r in rows if r["label"] == "vanilla"]
-    assert len(set(vanilla)) == 1  # every size is re-enlarged to the reference
-    assert {p.name for p in tmp_path.iterdir()} >= {"eval.csv", "eval.md", "eval.json", "accuracy_by_size.png",
-                                                     "accuracy_by_size.svg"}
+        branches = {b: at[(f"msun branch {b}", s)]["accuracy"] for b in (16, 32)}
+        assert at[(ORACLE, s)]["accuracy"] == max(branches.values())
+        ruled = 16 if s <= 16 else 32  # the smallest scale at least the size (default_routing)
+        assert at[(RULE, s)]["accuracy"] == branches[ruled] and at[(RULE, s)]["branch"] == str(ruled)
+        assert at[(RULE, s)]["flops"] == at[(f"msun branch {ruled}", s)]["flops"]
+        assert at[(VALIDATION, s)]["accuracy"] == branches[route(fitted, s)]
+        vanilla = at[("vanilla", s)]  # the two seeds form one group
+        assert vanilla["seeds"] == [0, 1] and vanilla["runs"] == ["vanilla-s0", "vanilla-s1"]
+        assert vanilla["accuracy"] == pytest.approx(sum(vanilla["seed_accuracies"]) / 2)
+        for row in (vanilla, at[(RULE, s)]):
+            assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1] and row["images"] == 24
+    assert len({r["flops"] for r in rows if r["label"] == "vanilla"}) == 1  # every size re-enlarged
+    assert {p.name for p in tmp_path.iterdir()} >= {"eval.csv", "eval.md", "eval.json", "correct.npz",
+                                                     "differences.csv", "accuracy_by_size.png", "accuracy_by_size.svg"}
     assert len(_rows(tmp_path / "eval.csv")) == len(rows)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["groups"] == {"msun": ["msun"], "vanilla": ["vanilla-s0", "vanilla-s1"]}
+    assert result["lossy_below"] == 28  # Fashion-MNIST's native size
+    spans = {(a["label"], a["span"]): a for a in result["averages"]}
+    assert spans[("vanilla", "avg<28")]["sizes"] == [16, 24]
+    diffs = {(d["a"], d["b"], d["size"]): d for d in result["differences"]}
+    assert set(diffs) >= {(RULE, "vanilla", w) for w in ("16", "24", "32", "avg", "avg<28")}
+    for s in (16, 24, 32):  # a paired difference is the difference of the two accuracies
+        d = diffs[(RULE, "vanilla", str(s))]
+        assert d["difference"] == pytest.approx(at[(RULE, s)]["accuracy"] - at[("vanilla", s)]["accuracy"])
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    saved = np.load(tmp_path / "correct.npz")  # every number can be recomputed from the per-image correctness
+    names = list(saved["rows"])
+    per_seed = [saved["correct"][names.index(f"vanilla-s{seed}|vanilla")][0].mean() for seed in (0, 1)]
+    assert at[("vanilla", 16)]["seed_accuracies"] == pytest.approx(per_seed)
+    assert list(saved["sizes"]) == [16, 24, 32] and len(saved["images"]) == 24
     md = (tmp_path / "eval.md").read_text()
-    assert "| run | model | 16 | 24 | 32 | avg |" in md and "msun (best branch)" in md
+    assert "| model | 16 | 24 | 32 | avg | avg<28 |" in md and ORACLE in md and "MSUN minus baseline" in md
 
 
-def test_native_mode_costs_less_at_small_sizes(runs, tmp_path):
-    rows = evaluate_runs([runs / "vanilla"], data="fashion-mnist-subset", sizes=[16, 32], out=tmp_path,
-                         native=True, images=16, progress=False)
-    flops = {r["size"]: r["flops"] for r in rows}
-    assert flops[16] < flops[32]
+def test_native_mode_adds_the_enlarged_baseline(runs, tmp_path):
+    rows = evaluate_runs([runs / "vanilla-s0"], data="fashion-mnist-subset", sizes=[16, 32], out=tmp_path,
+                         native=True, images=16, resamples=200, progress=False)
+    flops = {(r["label"], r["size"]): r["flops"] for r in rows}
+    assert flops[("vanilla-s0 (as is)", 16)] < flops[("vanilla-s0 (as is)", 32)]
+    assert flops[("vanilla-s0 (enlarged)", 16)] == flops[("vanilla-s0 (as is)", 32)]  # the reference's cost
+    acc = {(r["label"], r["size"]): r["accuracy"] for r in rows}
+    assert acc[("vanilla-s0 (enlarged)", 32)] == acc[("vanilla-s0 (as is)", 32)]  # nothing to enlarge
     assert "native sizes" in (tmp_path / "eval.md").read_text()
 
 
 def test_msdnet_run_gets_anytime_and_budget_tables(runs, tmp_path):
-    evaluate_runs([runs / "msdnet", runs / "vanilla"], data="fashion-mnist-subset", sizes=[32], out=tmp_path,
-                  images=32, progress=False)
+    evaluate_runs([runs / "msdnet", runs / "vanilla-s0"], data="fashion-mnist-subset", sizes=[32], out=tmp_path,
+                  images=32, resamples=200, progress=False)
     extra = json.loads((tmp_path / "eval.json").read_text())["msdnet"]["msdnet"]
     flops = [r["flops"] for r in extra["anytime"]]
     assert flops == sorted(flops) and len(flops) == 4
@@ -74,9 +102,19 @@ def test_msdnet_run_gets_anytime_and_budget_tables(runs, tmp_path):
     assert (tmp_path / "budget_msdnet.png").is_file() and "anytime prediction" in (tmp_path / "eval.md").read_text()
 
 
+def test_group_runs_by_everything_but_the_seed(runs):
+    base = RunRecord.load(runs / "vanilla-s0")
+    other_seed = dataclasses.replace(base, config=dataclasses.replace(base.config, seed=7))
+    other_lr = dataclasses.replace(base, config=dataclasses.replace(base.config, lr=0.5, seed=8))
+    groups = group_runs(["v-s0", "v-s7", "w-s8"], [base, other_seed, other_lr])
+    assert groups == {"v": [0, 1], "w-s8": [2]}
+    with pytest.raises(ToolkitError, match="same settings and seed"):
+        group_runs(["a", "b"], [base, base])
+
+
 def test_markdown_table_average_is_unweighted():
-    rows = [{"run": "a", "label": "x", "size": s, "accuracy": acc} for s, acc in ((16, 0.5), (32, 1.0))]
-    assert markdown_table(rows).splitlines()[-1] == "| a | x | 50.0 | 100.0 | 75.0 |"
+    rows = [{"label": "x", "size": s, "accuracy": acc} for s, acc in ((16, 0.5), (32, 1.0))]
+    assert markdown_table(rows, key="accuracy").splitlines()[-1] == "| x | 50.0 | 100.0 | 75.0 |"
 
 
 def test_parse_sizes():
@@ -88,7 +126,12 @@ def test_parse_sizes():
 
 
 def test_cli_errors(runs, tmp_path, capsys):
-    assert eval_main([str(runs / "vanilla"), "--data", "textures", "--sizes", "32", "--out", str(tmp_path)]) == 2
+    assert eval_main([str(runs / "vanilla-s0"), "--data", "textures", "--sizes", "32", "--out", str(tmp_path)]) == 2
     assert "trained on 10 classes" in capsys.readouterr().err
     assert eval_main([str(tmp_path), "--data", "fashion-mnist-subset", "--out", str(tmp_path)]) == 2
     assert "not a training run" in capsys.readouterr().err
+    assert eval_main([str(runs / "vanilla-s0"), "--data", "fashion-mnist-subset", "--images", "0"]) == 2
+    assert "--images must be a positive integer" in capsys.readouterr().err
+    assert eval_main([str(runs / "vanilla-s0"), str(runs / "vanilla-s0"), "--data", "fashion-mnist-subset",
+                      "--out", str(tmp_path)]) == 2
+    assert "given twice" in capsys.readouterr().err
