@@ -1,0 +1,253 @@
+"""The split study: an MSUN cut at every cuttable tap, beside the CKA evidence ``auto_split`` reads (issue 13).
+
+For each regime of ``bench/msun_benchmark.py`` (same data, scales 8/16/32, budget, optimizer and seeds 0/1/2):
+
+- **sweep**: ``msun-build MODEL --split-reduction R`` at every tap ``split_model`` can cut with stride 2..16;
+- **evidence**: the CKA report ``--auto-split`` measured on the training images (stored in each benchmark MSUN run's
+  ``run.json``: every candidate tap's CKA with its 95% interval, duplicated parameters, score, and the pick);
+- **ablation** (``--part ablation``): at the split ``--auto-split`` ships for the regime, the scale-invariant loss off
+  and at weights 0.1/0.3/3 (1 is the benchmark's MSUN, reused), truncation tau 0, the reference branch detached, the
+  cosine and linear-CKA forms.
+
+Decisions read validation numbers only: each run's ``validation`` record (every branch at every size on its
+held-out training images; the rule-routed accuracy averaged over the lossy sizes 8..24 px). The test tables come
+from ``msun-eval`` (all 10 000 test images, intervals: paired bootstrap over test images, seeds averaged per image).
+The verdict: Spearman's rank correlation across taps between ``auto_split``'s score and the measured lossy-size
+test accuracy (interval: the same bootstrap over test images; with 4-5 taps it describes, it cannot generalise),
+and for each rule (auto_split's pick, always stride 4, the shallowest tap the smallest scale can reach, the best tap
+on validation) the test accuracy of its tap and its paired difference to the best tap.
+
+Finished runs are skipped and killed ones resumed; rerun the same command after an interruption.
+
+    .venv/bin/python bench/split_study.py --regimes scratch            # the sweep, after the benchmark's MSUNs
+    .venv/bin/python bench/split_study.py --regimes scratch --part ablation
+    .venv/bin/python bench/split_study.py --quick                      # minutes: tiny budgets, checks the pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from msun_benchmark import BIN, DATA, QUICK, REGIMES, SCALES, SIZES, _run, _train
+
+LOSSY = (8, 12, 16, 20, 24)  # test and validation sizes below Fashion-MNIST's native 28 px
+ABLATIONS = {"si0": ["--si-weight", "0"], "si0.1": ["--si-weight", "0.1"], "si0.3": ["--si-weight", "0.3"],
+             "si3": ["--si-weight", "3"], "tau0": ["--si-tau", "0"], "detach": ["--si-detach-reference"],
+             "cosine": ["--si-kind", "cosine"], "cka": ["--si-kind", "cka"]}
+
+
+def _taps(model: str) -> list[tuple[str, int]]:
+    """The taps of ``model`` that the surgery can cut, stride 2..16, as (module, stride)."""
+    import timm
+
+    from msun_builder.split import splittable_taps
+
+    net = timm.create_model(model, pretrained=False, num_classes=10).eval()
+    return [(t.module, int(t.reduction)) for t in splittable_taps(net) if 2 <= int(t.reduction) <= 16]
+
+
+def _record(run: Path) -> dict:
+    return json.loads((run / "run.json").read_text())
+
+
+def _validation_lossy(run: Path) -> float:
+    """Rule-routed validation accuracy averaged over the lossy sizes (the decision-time measure)."""
+    val = _record(run)["validation"]
+    rule = val["rule"]
+    acc = []
+    for size in LOSSY:
+        branch = next((scale for bound, scale in rule if size <= bound), rule[-1][1])
+        acc.append(val["accuracy"][str(branch)][str(size)])
+    return float(np.mean(acc))
+
+
+def _evaluate(runs: list[Path], out: Path, images: int | None) -> dict:
+    done = out / "eval.json"
+    if not (done.is_file() and done.stat().st_mtime > max((r / "run.json").stat().st_mtime for r in runs)):
+        _run([str(BIN / "msun-eval"), *map(str, runs), "--data", DATA, "--sizes", SIZES, "--out", str(out), "--quiet",
+              *(["--images", str(images)] if images else [])])
+    return json.loads(done.read_text())
+
+
+def _lossy_table(out: Path, names: list[str]) -> np.ndarray:
+    """Per group: correctness ``(seeds, images)`` of the rule-routed MSUN averaged over the lossy sizes."""
+    saved = np.load(out / "correct.npz")
+    rows, sizes = list(saved["rows"]), list(saved["sizes"])
+    idx = [sizes.index(s) for s in LOSSY if s in sizes]
+    per = [saved["correct"][rows.index(f"{n}|msun (rule)")][idx].mean(axis=0) for n in names]
+    return np.stack(per)
+
+
+def _spearman_ci(score: np.ndarray, tables: list[np.ndarray], resamples: int = 2000) -> tuple[float, float, float]:
+    """Spearman's rho between ``score`` and the taps' seed-averaged accuracies, with a bootstrap over test images."""
+    from scipy.stats import spearmanr
+
+    acc = np.stack([t.mean(axis=0) for t in tables])  # (taps, images)
+    rho = float(spearmanr(score, acc.mean(axis=1)).statistic)
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(resamples):
+        pick = rng.integers(0, acc.shape[1], acc.shape[1])
+        draws.append(spearmanr(score, acc[:, pick].mean(axis=1)).statistic)
+    low, high = np.nanquantile(np.array(draws, dtype=float), [0.025, 0.975])
+    return rho, float(low), float(high)
+
+
+def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int | None, quick: bool) -> str:
+    """Sweep every tap of one regime, evaluate, and write its study table; return the Markdown."""
+    from msun_builder.stats import accuracy_ci, difference_ci
+
+    model, weights, flags = REGIMES[regime]
+    flags = QUICK if quick else flags
+    taps = _taps(model)
+    runs: dict[int, list[Path]] = {}
+    for _, stride in taps:
+        for seed in seeds:
+            out = root / regime / f"r{stride}-s{seed}"
+            _train(out, model, weights, flags, ["--method", "msun", "--split-reduction", str(stride)], seed)
+            runs.setdefault(stride, []).append(out)
+    evaluation = _evaluate([r for group in runs.values() for r in group], root / regime / "eval-sweep", images)
+    names = {stride: [r.name for r in group] for stride, group in runs.items()}
+    tables = {stride: _lossy_table(root / regime / "eval-sweep", names[stride]) for stride in runs}
+    # the CKA evidence auto_split used, from the benchmark's MSUN runs (one analysis per seed)
+    evidence: dict[int, list[dict]] = {}
+    picks = []
+    for seed in seeds:
+        bench_run = bench / regime / f"msun-s{seed}"
+        if (bench_run / "run.json").is_file() and _record(bench_run).get("split"):
+            split = _record(bench_run)["split"]
+            picks.append(int(split["reduction"]))
+            for cand in split.get("candidates", []):
+                evidence.setdefault(int(cand["reduction"]), []).append(cand)
+    lines = [f"### {regime}: MSUN at every cuttable tap ({model}, scales {SCALES}, seeds {seeds})", "",
+             f"Test: {evaluation['images']} images, rule routing, accuracy averaged over the lossy sizes "
+             f"{'/'.join(map(str, LOSSY))} px [95% interval]. Validation: the same on each run's held-out training "
+             "images, seeds averaged. CKA: smallest scale vs reference at the tap, from `--auto-split`'s analysis of "
+             "training images (mean over seeds [interval of seed 0]); score = CKA - 0.5 x duplicated fraction.", "",
+             "| tap (stride) | CKA | score | validation, lossy | test, lossy | test, all sizes | params (M) | "
+             "GFLOPs per branch 8/16/32 |", "|---|---|---|---|---|---|---|---|"]
+    scores, measured = [], []
+    for module, stride in taps:
+        val = np.mean([_validation_lossy(r) for r in runs[stride]])
+        test = accuracy_ci(tables[stride])
+        group = next(g for g, members in evaluation["groups"].items() if members == names[stride])
+        avg = next(a for a in evaluation["averages"]
+                   if a["group"] == group and a["view"] == "msun (rule)" and a["span"] == "avg")
+        build = _record(runs[stride][0])["build"] or {}
+        gflops = "/".join(f"{b['flops'] / 1e9:.3f}" for b in build.get("branches", []))
+        params = (build.get("params_msun") or 0) / 1e6
+        cands = evidence.get(stride, [])
+        cka = f"{np.mean([c['cka'] for c in cands]):.3f}" if cands else "n/a"
+        if cands and cands[0].get("ci95"):
+            cka += f" [{cands[0]['ci95'][0]:.3f}, {cands[0]['ci95'][1]:.3f}]"
+        score = float(np.mean([c["score"] for c in cands])) if cands else float("nan")
+        scores.append(score)
+        measured.append((stride, val, test))
+        lines.append(f"| {module} ({stride}) | {cka} | {score:.3f} | {100 * val:.1f} | {100 * test.estimate:.1f} "
+                     f"[{100 * test.low:.1f}, {100 * test.high:.1f}] | {100 * avg['accuracy']:.1f} | {params:.2f} | "
+                     f"{gflops} |")
+    best_val = max(measured, key=lambda m: m[1])[0]
+    best_test = max(measured, key=lambda m: m[2].estimate)[0]
+    smallest, reference = min(int(s) for s in SCALES.split(",")), max(int(s) for s in SCALES.split(","))
+    reach = min((s for _, s in taps if reference / smallest < 2 * s), default=None)
+    rules = {"auto_split (mode over seeds)": max(set(picks), key=picks.count) if picks else None,
+             "always stride 4": 4 if 4 in runs else None, "shallowest tap the smallest scale reaches": reach,
+             "best on validation": best_val}
+    lines += ["", f"| rule | tap (stride) | test, lossy | minus the best test tap (stride {best_test}) |",
+              "|---|---|---|---|"]
+    for rule, stride in rules.items():
+        if stride is None or stride not in tables:
+            lines.append(f"| {rule} | n/a | | |")
+            continue
+        test = accuracy_ci(tables[stride])
+        diff = difference_ci(tables[stride], tables[best_test])
+        lines.append(f"| {rule} | {stride} | {100 * test.estimate:.1f} [{100 * test.low:.1f}, {100 * test.high:.1f}]"
+                     f" | {100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] |")
+    finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
+    if len(finite) >= 3:
+        rho, low, high = _spearman_ci(np.array(scores)[finite], [tables[taps[i][1]] for i in finite])
+        lines += ["", f"Spearman's rho (auto_split score vs test lossy accuracy, {len(finite)} taps): {rho:+.2f} "
+                      f"[{low:+.2f}, {high:+.2f}] (bootstrap over test images; describes these taps only)."]
+    _figure(root / regime, taps, evidence, measured, [runs[s][0] for _, s in taps], regime)
+    return "\n".join(lines) + "\n"
+
+
+def _figure(folder: Path, taps: list, evidence: dict, measured: list, first_runs: list[Path], regime: str) -> None:
+    """CKA above, lossy-size accuracy and GFLOPs below, on one split-depth axis."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    x = np.arange(len(taps))
+    cka = [np.mean([c["cka"] for c in evidence.get(s, [])]) if evidence.get(s) else np.nan for _, s in taps]
+    top.plot(x, cka, "o-", color="C0")
+    top.set(ylabel="CKA, smallest vs reference", title=f"{regime}: the split study")
+    acc = np.array([[100 * m[2].estimate, 100 * m[2].low, 100 * m[2].high] for m in measured])
+    bottom.errorbar(x, acc[:, 0], yerr=[acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]], fmt="o-", color="C1",
+                    label="test accuracy, lossy sizes")
+    twin = bottom.twinx()
+    gflops = [(_record(r)["build"] or {}).get("branches", [{}])[0].get("flops", np.nan) / 1e9 for r in first_runs]
+    twin.plot(x, gflops, "s--", color="C2", label="GFLOPs, smallest branch")
+    bottom.set(xticks=x, xticklabels=[f"{m}\n(stride {s})" for m, s in taps], ylabel="top-1 (%)")
+    twin.set_ylabel("GFLOPs")
+    top.set_xticks(x, [""] * len(x))
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    bottom.legend(loc="lower left", fontsize=8)
+    twin.legend(loc="lower right", fontsize=8)
+    fig.savefig(folder / "split_study.png", dpi=120)
+
+
+def _ablation(regime: str, root: Path, bench: Path, seeds: list[int], images: int | None, quick: bool) -> str:
+    """Variants of the shipped configuration at the split --auto-split chose; evaluated with the benchmark MSUN."""
+    model, weights, flags = REGIMES[regime]
+    flags = QUICK if quick else flags
+    base = [bench / regime / f"msun-s{seed}" for seed in seeds]
+    missing = [str(r) for r in base if not (r / "model").is_dir()]
+    if missing:
+        sys.exit(f"the ablation reuses the benchmark's MSUN runs; train them first: {missing}")
+    runs = list(base)
+    for name, extra in ABLATIONS.items():
+        for seed in seeds:
+            stride = _record(bench / regime / f"msun-s{seed}")["split"]["reduction"]
+            out = root / regime / "ablation" / f"{name}-s{seed}"
+            _train(out, model, weights, flags, ["--method", "msun", "--split-reduction", str(stride), *extra], seed)
+            runs.append(out)
+    evaluation = _evaluate(runs, root / regime / "eval-ablation", images)
+    return f"### {regime}: ablations at the shipped split\n\n" + "\n".join(
+        f"| {d['a']} − {d['b']} | {d['size']} | {100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, "
+        f"{100 * d['ci95'][1]:+.1f}] |" for d in evaluation["differences"]) + "\n"
+
+
+def main() -> None:
+    """Run the sweep (or the ablation) for every regime and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--regimes", default="scratch,finetune", help="comma list of " + ", ".join(REGIMES))
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds")
+    parser.add_argument("--part", choices=("sweep", "ablation"), default="sweep")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets, 500 test images (pipeline check)")
+    parser.add_argument("--out", default="bench/out/split-study")
+    parser.add_argument("--benchmark", default="bench/out/msun-benchmark", help="bench/msun_benchmark.py's --out")
+    args = parser.parse_args()
+    suffix = "-quick" if args.quick else ""
+    root, bench = Path(args.out + suffix), Path(args.benchmark + suffix)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    images = 500 if args.quick else None
+    for regime in args.regimes.split(","):
+        if regime not in REGIMES:
+            parser.error(f"unknown regime {regime!r}: choose from {', '.join(REGIMES)}")
+        part = _study if args.part == "sweep" else _ablation
+        text = part(regime, root, bench, seeds, images, args.quick)
+        (root / regime).mkdir(parents=True, exist_ok=True)
+        (root / regime / f"{args.part}.md").write_text(text)
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
