@@ -3,10 +3,11 @@
 Paper protocol (authors' ``val/msc_val_*.py``): every test image, preprocessed at the reference size, is shrunk
 to size s and re-enlarged to the reference (bilinear, no antialias); vanilla and MST models classify that image.
 ``native=True`` feeds the s-sized image itself: the realistic case where a small image is simply small, and the one
-where an MSUN saves FLOPs; there vanilla and MST get two rows, the image as is (``(as is)``) and enlarged to the
-reference first (``(enlarged)``: the paper protocol's input, at the reference's cost), so the MSUN's native cost is
-compared with the fair baseline. FLOPs per image come from ``torch.utils.flop_counter`` at every size (2 x
-multiply-accumulates; the papers' "FLOPs" are MACs).
+where an MSUN saves FLOPs. There every model gets two rows: the image as is (``(as is)``) and enlarged to the
+reference first (``(enlarged)``: exactly the paper protocol's input, at the reference's cost). So one native
+evaluation holds the paper-protocol table as well, and the MSUN's native cost is compared with the fair baseline.
+FLOPs per image come from ``torch.utils.flop_counter`` at every size (2 x multiply-accumulates; the papers'
+"FLOPs" are MACs).
 
 An MSUN's branches are all scored at every size; three labelled rows are derived from them per size:
 
@@ -16,6 +17,8 @@ An MSUN's branches are all scored at every size; three labelled rows are derived
   (``run.json``'s ``validation.routing``), also deployable;
 - ``msun (best branch, oracle)``: per size and run, the branch with the best accuracy *on these test images*:
   the authors' figures report this; it is chosen on the test set, so it is an upper bound, not a result.
+
+In native mode each of them is qualified by the input, e.g. ``msun (rule, as is)`` and ``msun (rule, enlarged)``.
 
 **Seeds.** Runs whose records agree in everything but the training seed (method, data, model, weights and every
 other setting) form one group; each table row is a group. **Intervals**: per image, correctness is averaged over
@@ -92,15 +95,25 @@ class _RunScores:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_KINDS = ("as is", "enlarged")
+
+
+def _qualify(label: str, kind: str) -> str:
+    """``label`` for one native input kind: ``vanilla (as is)``, ``msun (rule, as is)``, ``msun branch 8 (as is)``."""
+    if not kind:
+        return label
+    return f"{label[:-1]}, {kind})" if label.endswith(")") else f"{label} ({kind})"
+
+
 def _views(entry: Any, model: nn.Module, native: bool, reference: int) -> dict[str, Callable]:
-    """Label -> ``(x, size) -> logits``: the method's views; native mode adds each plain view fed enlarged."""
+    """Label -> ``(x, size) -> logits``: the method's views; native mode has each fed as is and enlarged."""
     views = entry.views(model)
-    if not native or hasattr(model, "route"):
+    if not native:
         return views
     out = {}
     for label, view in views.items():
-        out[f"{label} (as is)"] = view
-        out[f"{label} (enlarged)"] = lambda x, s, view=view: view(resize(x, reference), reference)
+        out[_qualify(label, "as is")] = view
+        out[_qualify(label, "enlarged")] = lambda x, s, view=view: view(resize(x, reference), reference)
     return out
 
 
@@ -133,15 +146,16 @@ def _evaluate_run(run_dir: Path, name: str, data: str, sizes: Sequence[int], nat
             probe = torch.zeros(1, 3, s if native else reference, s if native else reference, device=device)
             scores.flops[label].append(count_flops(lambda view=view, probe=probe, s=s: view(probe, s)))
     if hasattr(model, "route"):
-        _derive_msun_rows(scores, model, sizes)
+        for kind in _KINDS if native else ("",):
+            _derive_msun_rows(scores, model, sizes, kind)
     if record.exit_flops:
         scores.extra = _msdnet_tables(run_dir, record, model, data, device, images)
     return scores
 
 
-def _derive_msun_rows(scores: _RunScores, model: nn.Module, sizes: Sequence[int]) -> None:
+def _derive_msun_rows(scores: _RunScores, model: nn.Module, sizes: Sequence[int], kind: str) -> None:
     """Add the rule-routed, validation-routed and oracle rows of an MSUN from its branches' correctness."""
-    branches = {int(label.split()[-1]): label for label in scores.correct if label.startswith("msun branch ")}
+    branches = {b: _qualify(f"msun branch {b}", kind) for b in model.scales}
     rule = [model.route(s) for s in sizes]
     tables = {RULE: rule}
     fitted = (scores.record.validation or {}).get("routing")
@@ -150,7 +164,8 @@ def _derive_msun_rows(scores: _RunScores, model: nn.Module, sizes: Sequence[int]
         tables[VALIDATION] = [route(table, s) for s in sizes]
     accuracy = {b: scores.correct[label].mean(axis=1) for b, label in branches.items()}
     tables[ORACLE] = [max(branches, key=lambda b, i=i: (accuracy[b][i], b == rule[i])) for i in range(len(sizes))]
-    for label, picks in tables.items():
+    for name, picks in tables.items():
+        label = _qualify(name, kind)
         scores.correct[label] = np.stack([scores.correct[branches[b]][i] for i, b in enumerate(picks)])
         scores.flops[label] = [scores.flops[branches[b]][i] for i, b in enumerate(picks)]
         scores.branch[label] = picks
@@ -283,10 +298,13 @@ def _summarise(scores: list[_RunScores], sizes: list[int], lossy_below: int | No
                                  "sizes": [sizes[i] for i in idx], "accuracy": iv.estimate, "ci95": [iv.low, iv.high],
                                  "seed_accuracies": table[idx].mean(axis=(0, 2)).tolist()})
     differences = []
-    ours = [(g, lab) for g, lab in tables if methods[g] == "msun" and lab in (RULE, VALIDATION)]
+    deployable = {_qualify(lab, kind) for lab in (RULE, VALIDATION) for kind in ("", *_KINDS)}
+    ours = [(g, lab) for g, lab in tables if methods[g] == "msun" and lab in deployable]
     theirs = [(g, lab) for g, lab in tables if methods[g] in _BASELINES]
     for g_a, lab_a in ours:
         for g_b, lab_b in theirs:
+            if "enlarged" in lab_a and "enlarged" not in lab_b:
+                continue  # an enlarged MSUN is compared with enlarged baselines (the paper protocol) only
             a, b = tables[(g_a, lab_a)], tables[(g_b, lab_b)]
             name_a, name_b = _display(g_a, "msun", lab_a), _display(g_b, methods[g_b], lab_b)
             cells = [(str(size), difference_ci(a[i], b[i], resamples=resamples)) for i, size in enumerate(sizes)]

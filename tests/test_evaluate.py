@@ -80,15 +80,25 @@ def test_paper_protocol_table(runs, tmp_path):
     assert "| model | 16 | 24 | 32 | avg | avg<28 |" in md and ORACLE in md and "MSUN minus baseline" in md
 
 
-def test_native_mode_adds_the_enlarged_baseline(runs, tmp_path):
-    rows = evaluate_runs([runs / "vanilla-s0"], data="fashion-mnist-subset", sizes=[16, 32], out=tmp_path,
-                         native=True, images=16, resamples=200, progress=False)
+def test_native_mode_adds_the_enlarged_input_which_is_the_paper_protocol(runs, tmp_path):
+    args = dict(data="fashion-mnist-subset", sizes=[16, 32], images=16, resamples=200, progress=False)
+    paper = evaluate_runs([runs / "msun", runs / "vanilla-s0"], out=tmp_path / "paper", **args)
+    rows = evaluate_runs([runs / "msun", runs / "vanilla-s0"], out=tmp_path / "native", native=True, **args)
     flops = {(r["label"], r["size"]): r["flops"] for r in rows}
     assert flops[("vanilla-s0 (as is)", 16)] < flops[("vanilla-s0 (as is)", 32)]
     assert flops[("vanilla-s0 (enlarged)", 16)] == flops[("vanilla-s0 (as is)", 32)]  # the reference's cost
     acc = {(r["label"], r["size"]): r["accuracy"] for r in rows}
     assert acc[("vanilla-s0 (enlarged)", 32)] == acc[("vanilla-s0 (as is)", 32)]  # nothing to enlarge
-    assert "native sizes" in (tmp_path / "eval.md").read_text()
+    on_paper = {(r["label"], r["size"]): r["accuracy"] for r in paper}
+    for s in (16, 32):  # the enlarged input is exactly the paper protocol's shrunk-and-re-enlarged image
+        assert acc[("vanilla-s0 (enlarged)", s)] == on_paper[("vanilla-s0", s)]
+        assert acc[("msun (rule, enlarged)", s)] == on_paper[(RULE, s)]
+        assert ("msun (rule, as is)", s) in acc and ("msun (best branch, oracle, as is)", s) in acc
+    pairs = {(d["a"], d["b"]) for d in json.loads((tmp_path / "native" / "eval.json").read_text())["differences"]}
+    assert ("msun (rule, enlarged)", "vanilla-s0 (enlarged)") in pairs
+    assert ("msun (rule, as is)", "vanilla-s0 (as is)") in pairs
+    assert ("msun (rule, enlarged)", "vanilla-s0 (as is)") not in pairs
+    assert "native sizes" in (tmp_path / "native" / "eval.md").read_text()
 
 
 def test_msdnet_run_gets_anytime_and_budget_tables(runs, tmp_path):
