@@ -112,6 +112,50 @@ def _evaluate(runs: list[Path], out: Path, native: bool, images: int | None) -> 
           *(["--native"] if native else []), *(["--images", str(images)] if images else [])])
 
 
+def _cell(row: dict, signed: bool = False) -> str:
+    value, (low, high) = row.get("accuracy", row.get("difference")), row["ci95"]
+    f = "{:+.1f}" if signed else "{:.1f}"
+    text = f"{f.format(100 * value)} [{f.format(100 * low)}, {f.format(100 * high)}]"
+    return f"**{text}**" if signed and (low > 0 or high < 0) else text
+
+
+def summary(folder: Path, kind: str, columns: tuple[str, ...] = ("8", "12", "16", "24", "32", "avg<28", "avg")) -> str:
+    """A compact Markdown table of one native evaluation: accuracy [95% interval] per method for one input kind.
+
+    Args:
+        folder: An ``eval-native`` folder.
+        kind: ``enlarged`` (the paper protocol) or ``as is`` (native sizes).
+        columns: Sizes and spans shown.
+
+    Returns:
+        The accuracy table, then the MSUN-minus-baseline differences for the same kind, then GFLOPs per image.
+    """
+    result = json.loads((folder / "eval.json").read_text())
+    keep = lambda label: label.endswith(f"{kind})") and "branch " not in label.replace("best branch", "")  # noqa: E731
+    cells: dict[str, dict[str, str]] = {}
+    flops: dict[str, dict[str, str]] = {}
+    for r in result["rows"]:
+        if keep(r["view"]):
+            cells.setdefault(r["label"], {})[str(r["size"])] = _cell(r)
+            flops.setdefault(r["label"], {})[str(r["size"])] = f"{r['flops'] / 1e9:.4f}"
+    for a in result["averages"]:
+        if keep(a["view"]):
+            cells[a["label"]][a["span"]] = _cell(a)
+    head = "| model | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1) + "\n"
+    text = head + "".join(f"| {label} | " + " | ".join(row.get(c, "") for c in columns) + " |\n"
+                          for label, row in cells.items())
+    diffs: dict[str, dict[str, str]] = {}
+    for d in result["differences"]:
+        if d["a"].endswith(f"{kind})") and (kind == "as is" or d["b"].endswith(f"{kind})")):  # native: both baselines
+            diffs.setdefault(f"{d['a']} − {d['b']}", {})[d["size"]] = _cell(d, signed=True)
+    text += "\n" + head.replace("| model |", "| difference (points) |") + "".join(
+        f"| {pair} | " + " | ".join(row.get(c, "") for c in columns) + " |\n" for pair, row in diffs.items())
+    sizes = [c for c in columns if c.isdigit()]
+    text += "\n| GFLOPs per image | " + " | ".join(sizes) + " |\n|" + "---|" * (len(sizes) + 1) + "\n" + "".join(
+        f"| {label} | " + " | ".join(row.get(c, "") for c in sizes) + " |\n" for label, row in flops.items())
+    return text
+
+
 def main() -> None:
     """Train and evaluate every regime, method and seed; print the evaluation tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +164,8 @@ def main() -> None:
     parser.add_argument("--phase", choices=("train", "eval", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="tiny budgets and 500 test images (pipeline check)")
     parser.add_argument("--out", default="bench/out/msun-benchmark")
+    parser.add_argument("--summary", action="store_true",
+                        help="print compact tables of the finished evaluations (paper protocol and native) and stop")
     args = parser.parse_args()
     root = Path(args.out + ("-quick" if args.quick else ""))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -127,6 +173,12 @@ def main() -> None:
     unknown = sorted(set(regimes) - set(REGIMES))
     if unknown:
         parser.error(f"unknown regimes {unknown}: choose from {', '.join(REGIMES)}")
+    if args.summary:
+        for regime in regimes:
+            folder = root / regime / "eval-native"
+            for kind, title in (("enlarged", "paper protocol (shrunk, re-enlarged)"), ("as is", "native sizes")):
+                print(f"### {regime}, {title}\n\n{summary(folder, kind)}")
+        return
     timings: dict[str, float] = {}
     for regime in regimes:
         model, weights, flags = REGIMES[regime]
