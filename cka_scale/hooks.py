@@ -15,10 +15,17 @@ globs       comma-separated patterns on module paths, e.g. ``layer*.0,act1``: ``
 
 The capture hook reduces each activation to its n x n Gram matrix as soon as the module returns, so in-place
 operations that run later (timm's ``ReLU(inplace=True)``) cannot change what was measured.
+
+Transformers: a ``(B, N, C)`` token output is measured over its patch tokens, like a CNN map over its positions;
+the class, distillation and register tokens ahead of them (timm's ``num_prefix_tokens``; an output counts as
+carrying them when N minus them, and not N itself, is a square grid) are left out, as timm's own average pooling
+leaves them out. ``--spatial gap`` then averages the patch tokens. A channels-last ``(B, H, W, C)`` map (Swin,
+MambaOut; recognised on the square reference input by H == W != C) is measured as ``(B, C, H, W)``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +55,11 @@ class LayerInfo:
         cum_params: Parameters of every module that has finished running when this one returns.
         calls: How often the module ran in one forward pass.
         tap: Whether timm's ``feature_info`` lists it (a stage output).
+        channels_last: A ``(B, H, W, C)`` map (Swin, MambaOut stages): it is measured as ``(B, C, H, W)``.
+        prefix_tokens: Class, distillation or register tokens ahead of the patch tokens of a ``(B, N, C)`` output
+            (timm's ``num_prefix_tokens``); they are left out of the measurement.
+        per_image: The output has one row per image; False for windowed attention internals that fold windows or
+            heads into the batch dim (never measured).
     """
 
     name: str
@@ -57,6 +69,9 @@ class LayerInfo:
     cum_params: int
     calls: int
     tap: bool
+    channels_last: bool = False
+    prefix_tokens: int = 0
+    per_image: bool = True
 
 
 _OUTPUT_ID = re.compile(r"(?P<module>.+)\[(?P<key>[^\[\]]+)\]\Z")
@@ -92,6 +107,9 @@ def feature_taps(model: nn.Module) -> list[str]:
     return [entry["module"] for entry in info if isinstance(entry, dict) and "module" in entry]
 
 
+_TRACE_BATCH = 2  # images in the dry pass: an output whose leading dim differs is not one row per image
+
+
 @torch.no_grad()
 def trace_layers(model: nn.Module, size: int, *, device: torch.device | str = "cpu") -> list[LayerInfo]:
     """Run one dry forward pass at ``size`` x ``size`` and describe every module, in the order they return.
@@ -113,6 +131,8 @@ def trace_layers(model: nn.Module, size: int, *, device: torch.device | str = "c
     counted: set[int] = set()
     total = [0]
     taps = set(feature_taps(model))
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    prefix = prefix if isinstance(prefix, int) else 0
 
     def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
         name = names[module]
@@ -131,16 +151,19 @@ def trace_layers(model: nn.Module, size: int, *, device: torch.device | str = "c
         entries += [] if single else [(f"{name}[{key}]", tensor) for key, tensor in outputs]
         for entry, tensor in entries:
             shape = tuple(tensor.shape[1:]) if tensor is not None else ()
-            reduction = round(size / shape[-1]) if len(shape) == 3 and shape[-1] > 0 else None
-            seen[entry] = {"kind": type(module).__name__, "shape": shape, "reduction": reduction, "cum": total[0],
-                           "calls": 1, "outputs": [], "module": name}
+            last = len(shape) == 3 and shape[0] == shape[1] != shape[2]  # square input: (H, W, C) with H == W
+            side = shape[1] if last else shape[-1] if len(shape) == 3 else 0
+            seen[entry] = {"kind": type(module).__name__, "shape": shape, "reduction": round(size / side) if side
+                           else None, "cum": total[0], "calls": 1, "outputs": [], "module": name, "last": last,
+                           "prefix": _prefix_tokens(shape, prefix),
+                           "per_image": tensor is None or tensor.shape[0] == _TRACE_BATCH}
         seen[name]["outputs"] = [] if single else [key for key, _ in outputs]
 
     handles = [module.register_forward_hook(hook) for module in names]
     was_training = model.training
     model.eval()
     try:
-        x = torch.zeros(1, 3, size, size, device=device)
+        x = torch.zeros(_TRACE_BATCH, 3, size, size, device=device)
         model(x)
     except Exception as err:
         raise ToolkitError(
@@ -153,8 +176,16 @@ def trace_layers(model: nn.Module, size: int, *, device: torch.device | str = "c
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return [LayerInfo(name, s["kind"], s["shape"], s["reduction"], s["cum"], s["calls"], s["module"] in taps)
-            for name, s in seen.items()]
+    return [LayerInfo(name, s["kind"], s["shape"], s["reduction"], s["cum"], s["calls"], s["module"] in taps,
+                      s["last"], s["prefix"], s["per_image"]) for name, s in seen.items()]
+
+
+def _prefix_tokens(shape: tuple[int, ...], prefix: int) -> int:
+    """``prefix`` for a ``(N, C)`` token output that holds a square patch grid after ``prefix`` leading tokens."""
+    if len(shape) != 2 or prefix <= 0 or shape[0] <= prefix:
+        return 0
+    patches, tokens = shape[0] - prefix, shape[0]
+    return prefix if math.isqrt(patches) ** 2 == patches and math.isqrt(tokens) ** 2 != tokens else 0
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -264,7 +295,7 @@ def select_layers(model: nn.Module, spec: str | Sequence[str], infos: Sequence[L
         ToolkitError: Nothing matched, or an explicitly chosen module runs twice or returns no feature map.
     """
     by_name = {info.name: info for info in infos}
-    usable = [i for i in infos if len(i.shape) >= 2 and i.calls == 1 and i.kind != "Identity"]
+    usable = [i for i in infos if len(i.shape) >= 2 and i.calls == 1 and i.per_image and i.kind != "Identity"]
     if isinstance(spec, str) and spec in ("all", "stages", "blocks"):
         if spec == "all":
             return usable
@@ -308,6 +339,9 @@ def _check_measurable(info: LayerInfo) -> None:
     if info.calls != 1:
         raise ToolkitError(f"module {info.name!r} runs {info.calls} times per forward pass (a shared module), so "
                            "its output per image is ambiguous: choose the blocks that call it instead")
+    if not info.per_image:
+        raise ToolkitError(f"module {info.name!r} does not return one row per image (windows or attention heads "
+                           "folded into the batch dim): choose the block around it")
     if len(info.shape) < 2:
         what = "no tensor" if not info.shape else f"shape {info.shape}"
         raise ToolkitError(f"module {info.name!r} does not return a feature map ({what}): choose a child module")
@@ -339,10 +373,21 @@ def parse_spatial(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ToolkitError(f"unknown --spatial {spec!r}: use flatten, gap or pool:K (K >= 1)")
 
 
+def _standard_layout(tensor: torch.Tensor, info: LayerInfo | None) -> torch.Tensor:
+    """A channels-last map as ``(B, C, H, W)``; a token output without its class/distillation/register tokens."""
+    if info is None:
+        return tensor
+    if info.channels_last and tensor.dim() == 4:
+        return tensor.permute(0, 3, 1, 2)
+    if info.prefix_tokens and tensor.dim() == 3:
+        return tensor[:, info.prefix_tokens:]
+    return tensor
+
+
 @contextmanager
 def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[torch.Tensor], torch.Tensor],
-                  kernel: str = "linear", threshold: float = 1.0,
-                  splits: int = 1) -> Iterator[Callable[[], torch.Tensor]]:
+                  kernel: str = "linear", threshold: float = 1.0, splits: int = 1,
+                  infos: Sequence[LayerInfo] = ()) -> Iterator[Callable[[], torch.Tensor]]:
     """Hook ``layers`` for the duration of the block; each forward pass leaves one Gram matrix per layer and split.
 
     The hooks never wait for the device: they do not test the features for NaN or Inf (a non-finite feature makes
@@ -359,6 +404,8 @@ def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[
         threshold: RBF bandwidth threshold.
         splits: The batch holds this many equal groups of images (e.g. one per input scale, concatenated); each
             group gets its own Gram.
+        infos: The layers' :class:`LayerInfo` from :func:`trace_layers`: a channels-last map is permuted to
+            ``(B, C, H, W)`` and a token output loses its prefix tokens before ``reduce``.
 
     Yields:
         ``take()``: returns the ``(splits * L, n, n)`` Grams of the last forward pass (split-major, then ``layers``
@@ -371,6 +418,12 @@ def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[
     grams: dict[str, list[torch.Tensor]] = {}
     fn = _kernel(kernel)
     wanted: dict[str, list[tuple[str, str | None]]] = {}  # module path -> (layer id, output key)
+    layout = {info.name: info for info in infos}
+    batch = [0]  # images in the current forward pass, set by a pre-hook on the model
+
+    def count(_model: nn.Module, args: Any) -> None:
+        first = args[0] if args else None
+        batch[0] = first.shape[0] if isinstance(first, torch.Tensor) else -1
     for layer in layers:
         module, key = split_layer_id(layer)
         if layer in modules:
@@ -392,17 +445,21 @@ def capture_grams(model: nn.Module, layers: Sequence[str], *, reduce: Callable[[
                     raise ToolkitError(f"layer {name!r}: module {module_name!r} returns {what}; measure its outputs "
                                        f"({', '.join(f'{module_name}[{k}]' for k in outputs if k) or 'none'}) or "
                                        "one of its children")
+                if batch[0] > 0 and tensor.shape[0] != batch[0]:
+                    raise ToolkitError(f"layer {name!r} returns {tensor.shape[0]} rows for {batch[0]} images (windows "
+                                       "or heads folded into the batch dim): choose the block around it")
                 if tensor.shape[0] % splits:
                     raise ToolkitError(f"layer {name!r}: a batch of {tensor.shape[0]} does not split into {splits} "
                                        "groups")
                 with torch.no_grad():  # float32/float64 kept as they are; half precision is upcast by the kernel
-                    features = reduce(tensor.detach())
+                    features = reduce(_standard_layout(tensor.detach(), layout.get(name)))
                     grams[name] = [fn(part, threshold, name, check=False, centred=False)
                                    for part in features.chunk(splits)]  # centred at once in take()
 
         return hook
 
-    handles = [modules[name].register_forward_hook(make_hook(name)) for name in wanted]
+    handles = [model.register_forward_pre_hook(count)]
+    handles += [modules[name].register_forward_hook(make_hook(name)) for name in wanted]
 
     def take() -> torch.Tensor:
         missing = [name for name in layers if name not in grams]

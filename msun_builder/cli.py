@@ -104,7 +104,7 @@ def _choose_split(args: argparse.Namespace, cfg: TrainConfig, loaded: Any, out: 
         return {"reduction": cfg.split_reduction, "auto": False}
     from cka_scale.report import load_report
     from msun_builder.autosplit import auto_split
-    from msun_builder.split import require_splittable
+    from msun_builder.split import require_splittable, split_candidates
 
     cuttable = require_splittable(loaded.model, nearest=True)  # before measuring: a ViT is refused, saying why
     if args.report:
@@ -114,9 +114,7 @@ def _choose_split(args: argparse.Namespace, cfg: TrainConfig, loaded: Any, out: 
         from cka_scale.config import AnalyzeConfig
 
         # the split is a decision: measured on training images, never on the test split
-        # the feature_info taps, and the boundaries that stand in for taps a cut cannot reach
-        layers = ",".join(dict.fromkeys([t["module"] for t in loaded.model.feature_info] +
-                                        [t.module for t in cuttable if t.stands_for]))
+        layers = ",".join(split_candidates(loaded.model, cuttable))  # taps, and boundaries standing in for some
         acfg = AnalyzeConfig(model=cfg.model, scales=cfg.scales, data=cfg.data if args.data else "samples",
                              split="train" if args.data else "test", layers=layers, device=cfg.device,
                              weights=cfg.weights, seed=cfg.seed)

@@ -31,7 +31,7 @@ from torch import nn
 from scale_common.errors import ToolkitError
 from scale_common.modules import eval_no_grad
 
-__all__ = ["Tap", "list_taps", "require_splittable", "split_model", "splittable_taps"]
+__all__ = ["Tap", "list_taps", "require_splittable", "split_candidates", "split_model", "splittable_taps"]
 
 _CHECK_SIZES = (64,)  # side of the random check input; the model's own pretrained_cfg size is tried after these
 _RTOL = 1e-4  # equivalence tolerance, relative to the largest reference output (at least 1)
@@ -363,6 +363,17 @@ def splittable_taps(model: nn.Module, *, nearest: bool = False) -> list[Tap]:
                 if boundary is not None and boundary.module not in {t.module for t in found}:
                     found.append(boundary)
     return found
+
+
+def split_candidates(model: nn.Module, cuttable: Sequence[Tap]) -> list[str]:
+    """Module paths to measure so that ``auto_split`` can weigh every cut (as a ``--layers`` list).
+
+    These are the ``feature_info`` taps that are modules of the model, and the boundaries in ``cuttable`` that stand
+    in for taps a cut cannot reach; the analysis puts them in forward order.
+    """
+    modules = dict(model.named_modules())
+    names = [t.module for t in list_taps(model)] + [t.module for t in cuttable if t.stands_for]
+    return [name for name in dict.fromkeys(names) if name in modules]
 
 
 def require_splittable(model: nn.Module, *, nearest: bool = False) -> list[Tap]:
