@@ -168,7 +168,7 @@ def trace_layers(model: nn.Module, size: int, *, device: torch.device | str = "c
     except Exception as err:
         raise ToolkitError(
             f"the model cannot run at input size {size}x{size} "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})."
+            f"({type(err).__name__}: {(str(err).splitlines() or ['no message'])[0][:160]})."
             " cka-scale needs a CNN that accepts any input size; for a fixed-size model use --resize down-up with "
             "its native size as the reference, or drop this scale."
         ) from None
