@@ -230,8 +230,9 @@ def _block_names(model: nn.Module, order: Sequence[str]) -> list[str]:
             if owned and group.issuperset(owned):
                 inside.add(name)
         for name in inside:
-            if name.rpartition(".")[0] in inside:
-                continue  # its parent is a block of this group
+            parts = name.split(".")
+            if any(".".join(parts[:k]) in inside for k in range(1, len(parts))):
+                continue  # an ancestor is a block of this group (a ModuleList between them never runs itself)
             block = name
             while True:
                 children = [c for c in inside if c.rpartition(".")[0] == block]

@@ -156,3 +156,10 @@ def test_fixed_size_model_gets_a_clear_error():
     vit = timm.create_model("vit_tiny_patch16_224").eval()  # strict 224 px input
     with pytest.raises(ToolkitError, match=r"cannot run at input size 32x32.*--resize down-up"):
         trace_layers(vit, 32)
+
+
+def test_blocks_are_not_split_into_the_members_of_a_module_list():
+    model = timm.create_model("res2net50_14w_8s").eval()  # Bottle2neck keeps its convs in a ModuleList
+    names = [i.name for i in select_layers(model, "blocks", trace_layers(model, 64))]
+    assert "layer1.0" in names and not any(".convs." in n or ".bns." in n for n in names)
+    assert len(names) == 18  # conv1, bn1 and the 16 residual blocks
