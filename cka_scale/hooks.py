@@ -5,7 +5,8 @@ that returns several tensors (a tuple or list, e.g. HRNet's parallel branches, S
 is measured per output, one layer id each: ``stage2[0]``, ``stage2[1]`` (``name[key]`` for a dict).
 Selections (``--layers``):
 
-``stages``  timm's ``feature_info`` taps (one per stage, the default; every output of a multi-output tap);
+``stages``  timm's ``feature_info`` taps (one per stage, the default; every output of a multi-output tap; for a
+            stage container that never runs itself, a ``ModuleList``, its last block);
 ``blocks``  every block inside the stages, from timm's ``group_matcher(coarse=False)`` (the per-block groups timm
             uses for layer-wise learning rates), plus the stem; a model without ``group_matcher`` gets each stage
             tap's children instead, sequential containers among them opened one level (``stages.0.blocks.1``);
@@ -272,6 +273,18 @@ def _stage_children(model: nn.Module, order: Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(n for n in found if n in rank), key=rank.__getitem__)
 
 
+def _ran_for(name: str, infos: Sequence[LayerInfo]) -> str:
+    """The module that stands for the tap ``name``: itself if it ran.
+
+    A container that never runs itself (a ``ModuleList`` stage, CoaT's ``serial_blocks1``) is represented by its
+    direct child that returned last, whose output is the stage's.
+    """
+    children = [i.name for i in infos if split_layer_id(i.name)[0].rpartition(".")[0] == name]
+    if any(i.name == name for i in infos) or not children:
+        return name
+    return split_layer_id(children[-1])[0]
+
+
 def _outputs_of(info: LayerInfo, by_name: dict[str, LayerInfo]) -> list[LayerInfo]:
     """The measurable entries of one module: itself, or each of its outputs when it returned several tensors."""
     if info.shape or "[" in info.name:
@@ -306,7 +319,8 @@ def select_layers(model: nn.Module, spec: str | Sequence[str], infos: Sequence[L
                 raise ToolkitError("this model has no timm feature_info stages: use --layers blocks, all or globs")
         else:
             names = _block_names(model, [i.name for i in infos])
-        chosen = [out for n in names if n in by_name for out in _outputs_of(by_name[n], by_name)]
+        names = [_ran_for(n, infos) for n in dict.fromkeys(names)]
+        chosen = [out for n in dict.fromkeys(names) if n in by_name for out in _outputs_of(by_name[n], by_name)]
         if spec == "blocks":  # block groups include the classifier: keep the ones with a feature map
             chosen = [i for i in chosen if i in usable]
         for info in chosen:

@@ -163,3 +163,25 @@ def test_blocks_are_not_split_into_the_members_of_a_module_list():
     names = [i.name for i in select_layers(model, "blocks", trace_layers(model, 64))]
     assert "layer1.0" in names and not any(".convs." in n or ".bns." in n for n in names)
     assert len(names) == 18  # conv1, bn1 and the 16 residual blocks
+
+
+class _ListStages(nn.Module):
+    """A stage kept in a ModuleList (never called itself), named by feature_info as CoaT does."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.blocks = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)])
+        self.feature_info = [dict(module="stem", reduction=2, num_chs=4), dict(module="blocks", reduction=2,
+                                                                                num_chs=4)]
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.mean((2, 3))
+
+
+def test_a_stage_that_never_runs_itself_is_measured_at_its_last_block():
+    model = _ListStages().eval()
+    assert [i.name for i in select_layers(model, "stages", trace_layers(model, 16))] == ["stem", "blocks.2"]
