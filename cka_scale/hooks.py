@@ -6,7 +6,8 @@ is measured per output, one layer id each: ``stage2[0]``, ``stage2[1]`` (``name[
 Selections (``--layers``):
 
 ``stages``  timm's ``feature_info`` taps (one per stage, the default; every output of a multi-output tap; for a
-            stage container that never runs itself, a ``ModuleList``, its last block);
+            stage container that never runs itself, a ``ModuleList``, its last block; when no tap names a module
+            of the model, timm's ``group_matcher(coarse=True)`` stage groups);
 ``blocks``  every block inside the stages, from timm's ``group_matcher(coarse=False)`` (the per-block groups timm
             uses for layer-wise learning rates), plus the stem; a model without ``group_matcher`` gets each stage
             tap's children instead, sequential containers among them opened one level (``stages.0.blocks.1``);
@@ -209,8 +210,8 @@ def _glob(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-def _block_names(model: nn.Module, order: Sequence[str]) -> list[str]:
-    """The blocks of timm's ``group_matcher(coarse=False)`` groups, in forward order.
+def _block_names(model: nn.Module, order: Sequence[str], *, coarse: bool = False) -> list[str]:
+    """The blocks of timm's ``group_matcher(coarse=False)`` groups (stages with ``coarse``), in forward order.
 
     timm groups parameters per block for layer-wise learning rates; a group may also hold a stem or merge the last
     block with the head. Each module whose parameter-owning submodules all belong to one group, and whose parent's
@@ -223,7 +224,7 @@ def _block_names(model: nn.Module, order: Sequence[str]) -> list[str]:
         return _stage_children(model, order)
     owners = [name for name, module in model.named_modules() if name and module._parameters]
     found = set()
-    for members in group_modules(model, matcher(coarse=False)).values():
+    for members in group_modules(model, matcher(coarse=coarse)).values():
         group = set(members)
         inside = set()
         for name in order:
@@ -285,6 +286,12 @@ def _ran_for(name: str, infos: Sequence[LayerInfo]) -> str:
     return split_layer_id(children[-1])[0]
 
 
+def _expand(names: Sequence[str], infos: Sequence[LayerInfo], by_name: dict[str, LayerInfo]) -> list[LayerInfo]:
+    """The entries of the named modules: a stage container by its last block, a multi-output module per output."""
+    ran = dict.fromkeys(_ran_for(n, infos) for n in dict.fromkeys(names))
+    return [out for n in ran if n in by_name for out in _outputs_of(by_name[n], by_name)]
+
+
 def _outputs_of(info: LayerInfo, by_name: dict[str, LayerInfo]) -> list[LayerInfo]:
     """The measurable entries of one module: itself, or each of its outputs when it returned several tensors."""
     if info.shape or "[" in info.name:
@@ -319,10 +326,15 @@ def select_layers(model: nn.Module, spec: str | Sequence[str], infos: Sequence[L
                 raise ToolkitError("this model has no timm feature_info stages: use --layers blocks, all or globs")
         else:
             names = _block_names(model, [i.name for i in infos])
-        names = [_ran_for(n, infos) for n in dict.fromkeys(names)]
-        chosen = [out for n in dict.fromkeys(names) if n in by_name for out in _outputs_of(by_name[n], by_name)]
+        chosen = _expand(names, infos, by_name)
+        if spec == "stages" and not chosen and getattr(model, "group_matcher", None) is not None:
+            # feature_info names modules the model lacks (timm's MViTv2 says block.N for stages.N): timm's coarse
+            # parameter groups are its stages
+            chosen = [i for i in _expand(_block_names(model, [i.name for i in infos], coarse=True), infos, by_name)
+                      if i in usable]
         if spec == "blocks":  # block groups include the classifier: keep the ones with a feature map
             chosen = [i for i in chosen if i in usable]
+        chosen = [i for i in chosen if i.per_image or "[" not in i.name]  # TNT's inner tokens: patches in the batch
         for info in chosen:
             _check_measurable(info)
         if not chosen:
