@@ -119,7 +119,7 @@ def _choose_split(args: argparse.Namespace, cfg: TrainConfig, loaded: Any, out: 
                              split="train" if args.data else "test", layers=layers, device=cfg.device,
                              weights=cfg.weights, seed=cfg.seed)
         print(f"no --report given: measuring CKA first ({acfg.data} {acfg.split} split, scales "
-              f"{list(acfg.scales)}, stages)")
+              f"{list(acfg.scales)}, the taps a cut can use)")
         report = analyze(acfg, model=loaded.model, data_config=loaded.data_config, progress=not args.quiet)
         report.save(out / "analysis")
     options = {} if args.split_threshold is None else {"threshold": args.split_threshold}
