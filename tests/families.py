@@ -53,7 +53,7 @@ _BIG_ENCODER = "a multimodal-LLM vision encoder of 88M+ parameters at 546-768 px
 FAMILIES: dict[str, Family] = {
     # CNNs and convolutional hybrids (NCHW feature maps at every stage)
     "byobnet": Family("test_byobnet"),
-    "byoanet": Family("halonet_h1", size=256),
+    "byoanet": Family("lambda_resnet26t"),  # halonet_h1 needs 256 px: over 5 min on a shared CPU
     "convmixer": Family("convmixer_768_32"),
     "convnext": Family("test_convnext"),
     "cpubone": Family("cpubone_nano"),
