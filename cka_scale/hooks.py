@@ -280,6 +280,8 @@ def _ran_for(name: str, infos: Sequence[LayerInfo]) -> str:
     A container that never runs itself (a ``ModuleList`` stage, CoaT's ``serial_blocks1``) is represented by its
     direct child that returned last, whose output is the stage's.
     """
+    if not name:  # timm names a stem tap "" on some models (TResNet): the model itself, not a stage
+        return name
     children = [i.name for i in infos if split_layer_id(i.name)[0].rpartition(".")[0] == name]
     if any(i.name == name for i in infos) or not children:
         return name
