@@ -95,7 +95,7 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
         if model is None:
             with torch.random.fork_rng(devices=[]):  # random init (--weights none) follows --seed on every rank
                 torch.manual_seed(cfg.seed)
-                loaded = load_model(cfg.model, cfg.weights)
+                loaded = load_model(cfg.model, cfg.weights, dynamic_size=True)
             model, data_config, weights = loaded.model, loaded.data_config, loaded.weights
         elif data_config is None:
             raise ToolkitError("analyze(model=...) also needs data_config (timm.data.resolve_data_config(model=m))")
@@ -136,7 +136,7 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
         fuse = cfg.resize == "down-up" and fuse_scales
         dtypes: dict[str, str] = {}
         with torch.no_grad(), capture_grams(model, names, reduce=reduce, kernel=cfg.kernel, threshold=cfg.threshold,
-                                            splits=len(cfg.scales) if fuse else 1) as take:
+                                            splits=len(cfg.scales) if fuse else 1, infos=layers) as take:
             for repeat in range(cfg.repeats):
                 subset = Subset(dataset, draws[repeat])
                 loader = DataLoader(subset, batch_sampler=mine, num_workers=cfg.num_workers,
@@ -189,7 +189,8 @@ def analyze(cfg: AnalyzeConfig, *, model: nn.Module | None = None, data_config: 
             "versions": _versions(),
         }
     rows = [{"name": i.name, "kind": i.kind, "shape": list(i.shape), "reduction": i.reduction, "tap": i.tap,
-             "cum_params": i.cum_params} for i in layers]
+             "cum_params": i.cum_params, **({"channels_last": True} if i.channels_last else {}),
+             **({"prefix_tokens": i.prefix_tokens} if i.prefix_tokens else {})} for i in layers]
     report = Report(cfg.model, weights, list(cfg.scales), reference, rows, np.stack(runs), dataclasses.asdict(cfg),
                     meta, np.stack(errors), dofs)
     report.meta["notes"] += sample_notes(report, cfg, minibatch)

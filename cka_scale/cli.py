@@ -139,6 +139,9 @@ def _list_layers(args: argparse.Namespace) -> int:
         shape = "x".join(map(str, info.shape))
         print(f"{i:>3}  {info.name:<40} {info.kind[:22]:<22} {shape:<18} {info.reduction or '':>4} "
               f"{info.cum_params:>14,}")
+    if any("[" in info.name for info in chosen):
+        print("\nMODULE[k] is output k of a module that returns several tensors (parallel branches); each output "
+              "is measured as its own layer.")
     return 0
 
 

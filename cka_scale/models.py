@@ -243,7 +243,19 @@ def _apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
     return source
 
 
-def load_model(name: str, weights: str = "auto", num_classes: int | None = None) -> LoadedModel:
+def _create(name: str, dynamic_size: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``, with ``dynamic_img_size=True`` when asked and the model takes it (ViT, DeiT, Swin)."""
+    if dynamic_size:
+        try:
+            return timm.create_model(name, dynamic_img_size=True, **kwargs)
+        except TypeError as err:  # a CNN, or a transformer without the option: built as it is
+            if "dynamic_img_size" not in str(err):
+                raise
+    return timm.create_model(name, **kwargs)
+
+
+def load_model(name: str, weights: str = "auto", num_classes: int | None = None, *,
+               dynamic_size: bool = False) -> LoadedModel:
     """Create a timm model with real weights where they can be had, offline.
 
     Args:
@@ -253,6 +265,9 @@ def load_model(name: str, weights: str = "auto", num_classes: int | None = None)
         num_classes: Size of the classifier. None keeps the model's default (1000 for ImageNet models) or, for a
             weights file, the size of the file's classifier. A pretrained classifier of another size is dropped and
             re-initialised.
+        dynamic_size: Build the model with timm's ``dynamic_img_size=True`` where it has the option (vision
+            transformers, Swin), so that it runs at sizes other than its native one (position embeddings are
+            interpolated; at the native size the outputs are unchanged). Models without it are built as usual.
 
     Returns:
         The model in eval mode on the CPU, its timm preprocessing config, and where its weights came from.
@@ -271,7 +286,7 @@ def load_model(name: str, weights: str = "auto", num_classes: int | None = None)
     base = name.split(".")[0]
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if weights == "none":
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create(name, dynamic_size, pretrained=False, **kwargs)
         source = "none (random initialisation)"
     elif weights == "auto" and base in BUNDLED_WEIGHTS:
         builder, provenance = BUNDLED_WEIGHTS[base]
@@ -290,7 +305,7 @@ def load_model(name: str, weights: str = "auto", num_classes: int | None = None)
                 f"or a model with bundled weights: {', '.join(BUNDLED_WEIGHTS)}."
             )
         try:
-            model = timm.create_model(name, pretrained=True, **kwargs)
+            model = _create(name, dynamic_size, pretrained=True, **kwargs)
         except (OSError, RuntimeError, ValueError) as err:
             raise ToolkitError(
                 f"could not fetch hub weights for {name!r} ({type(err).__name__}). Use --weights PATH or "
@@ -299,7 +314,7 @@ def load_model(name: str, weights: str = "auto", num_classes: int | None = None)
         source = f"hub: {model.pretrained_cfg.get('hf_hub_id') or name}"
     else:
         state = load_state_dict_file(weights)
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = _create(name, dynamic_size, pretrained=False, **kwargs)
         if num_classes is None:  # take the classifier size from the file, e.g. a 10-class fine-tuned checkpoint
             head = [k for k in _classifier_keys(model) if k.endswith(".weight") and k in state]
             if head and state[head[0]].ndim == 2 and state[head[0]].shape[0] != model.num_classes:

@@ -33,6 +33,7 @@ _EXPORTS = {
     "RunRecord": "msun_builder.runs",
     "Tap": "msun_builder.split",
     "list_taps": "msun_builder.split",
+    "require_splittable": "msun_builder.split",
     "split_model": "msun_builder.split",
     "splittable_taps": "msun_builder.split",
     "build_model": "msun_builder.train",
@@ -64,6 +65,7 @@ __all__ = [
     "list_taps",
     "load_msun",
     "register_method",
+    "require_splittable",
     "resume",
     "save_msun",
     "split_model",
@@ -80,7 +82,7 @@ if TYPE_CHECKING:
     from msun_builder.msdnet import MSDNet, create_msdnet, exit_flops
     from msun_builder.msun import MSUN, BranchOutputs, create_msun, load_msun, save_msun
     from msun_builder.runs import RunRecord
-    from msun_builder.split import Tap, list_taps, split_model, splittable_taps
+    from msun_builder.split import Tap, list_taps, require_splittable, split_model, splittable_taps
     from msun_builder.train import build_model, resume, train
 
 

@@ -13,12 +13,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from msun_builder._destride import SubnetPlan, apply_plan, find_steps, output_side, plan_subnet
 from msun_builder._routing import check_routing, check_scales, default_routing, route
 from msun_builder.split import input_channels, split_model
 from scale_common.errors import ToolkitError
+from scale_common.modules import eval_no_grad
 from scale_common.resize import resize
 
 __all__ = ["MSUN", "BranchOutputs", "assemble"]
@@ -120,6 +122,22 @@ class MSUN(nn.Module):
         return BranchOutputs([logits for logits, _ in outs], [feats for _, feats in outs])
 
 
+def _check_feature_map(shallow: nn.Module, split_module: str, size: int, channels: int) -> None:
+    """Refuse a shallow part that does not hand one ``(B, C, H, W)`` map to the unified net (checked at ``size``)."""
+    probe = next(shallow.parameters(), None)
+    x = torch.zeros(1, channels, size, size, device=probe.device if probe is not None else "cpu")
+    try:
+        with eval_no_grad(shallow):
+            out = shallow(x)
+    except (RuntimeError, ValueError, AssertionError):
+        return  # too small to run: output_side and plan_subnet say so with the fix
+    if not isinstance(out, Tensor) or out.dim() != 4 or out.shape[-1] != out.shape[-2]:
+        what = type(out).__name__ if not isinstance(out, Tensor) else f"shape {tuple(out.shape[1:])}"
+        raise ToolkitError(f"the shallow part up to {split_module!r} returns {what} at {size}px, not one square "
+                           "(B, C, H, W) feature map that the subnets can resize and hand to the unified net: choose "
+                           "another split (msun_builder.splittable_taps lists those that can be cut)")
+
+
 def assemble(base: nn.Module, split_module: str, scales: Sequence[int], *,
              plans: Mapping[int, SubnetPlan] | None = None, config: Mapping[str, Any] | None = None,
              routing: Sequence[Sequence[int]] | None = None, unified_size: int | None = None) -> MSUN:
@@ -143,6 +161,7 @@ def assemble(base: nn.Module, split_module: str, scales: Sequence[int], *,
     shallow, deep = split_model(base, module=split_module)
     channels = input_channels(base)
     reference = scales[-1]
+    _check_feature_map(shallow, split_module, reference, channels)
     if unified_size is None:
         unified_size = output_side(shallow, reference, channels)
         if unified_size is None:

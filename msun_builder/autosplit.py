@@ -3,7 +3,10 @@
 The rule (documented in the README, tested on synthetic reports):
 
 1. **Candidates** are the model's ``feature_info`` taps with ``min_reduction <= reduction <= max_reduction``
-   (default 2..16), except the last tap (something must remain to share). Bounding the stride keeps the search
+   (default 2..16), except the last tap (something must remain to share), and, given the model's cuttable taps,
+   only those; a tap the cut cannot reach (nested inside a block) is replaced by the nearest cuttable boundary at
+   its stride (``splittable_taps(model, nearest=True)``), measured at that boundary when the report has it, else at
+   the tap itself, and the reason says so. Bounding the stride keeps the search
    away from the last stage, which is scale-sensitive too: the CKA curve of a CNN is U-shaped (the MSUN authors'
    ResNet-50: 0.52 / 0.86 / 0.84 / 0.77 / 0.40), so "the first stage above a threshold" alone is not a rule.
 2. **Robustness** v(k) of tap k is its CKA between the smallest scale and the reference (``scale`` picks another),
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cka_scale.report import Report, load_report
+from msun_builder.split import Tap
 from scale_common.errors import ToolkitError
 
 __all__ = ["SplitChoice", "auto_split"]
@@ -78,7 +82,7 @@ def _tap_index(names: Sequence[str], tap: str) -> int | None:
 
 def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.8, max_reduction: int = 16,
                min_reduction: int = 2, param_weight: float = 0.5, num_subnets: int = 3, scale: int | None = None,
-               cuttable: Sequence[str] | None = None, max_upsample: float = 2.0) -> SplitChoice:
+               cuttable: Sequence[str | Tap] | None = None, max_upsample: float = 2.0) -> SplitChoice:
     """Pick the split tap from measured per-layer CKA (see the module docstring for the rule).
 
     Args:
@@ -89,7 +93,9 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
         param_weight: Score penalty per unit of duplicated-parameter fraction.
         num_subnets: Subnets of the MSUN to build (the cost counts num_subnets - 1 copies).
         scale: The scale compared with the reference; the smallest in the report when None.
-        cuttable: Taps the model can actually be cut at (e.g. ``msun_builder.splittable_taps``); all when None.
+        cuttable: Taps the model can actually be cut at, as module names or :class:`~msun_builder.split.Tap` entries
+            (``msun_builder.splittable_taps(model, nearest=True)``, whose boundaries stand for taps a cut cannot
+            reach); all taps when None.
         max_upsample: A tap is deep enough when reference / smallest scale < max_upsample x its stride
             (``float("inf")`` turns the reach rule off).
 
@@ -113,22 +119,39 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
     total = report.meta.get("total_params") or 0
     values, _ = report.sensitivity(scale)
     low, high = report.interval(scale)
+    plain = None if cuttable is None else {c if isinstance(c, str) else c.module for c in cuttable
+                                           if isinstance(c, str) or not c.stands_for}
+    stand_ins = {c.stands_for: c for c in cuttable or [] if isinstance(c, Tap) and c.stands_for}
     candidates = []
     for i, tap in enumerate(taps[:-1]):
-        row = _tap_index(names, tap["module"])
-        red = int(tap["reduction"])
+        module, red, note = tap["module"], int(tap["reduction"]), None
+        if plain is not None and module not in plain:
+            if module not in stand_ins:
+                continue
+            boundary = stand_ins[module]
+            at = boundary.module if _tap_index(names, boundary.module) is not None else module
+            note = (f"{boundary.module} is the nearest boundary a cut can reach for the tap {module} at stride {red}"
+                    f" (CKA measured at {at})")
+            module, row = boundary.module, _tap_index(names, at)
+        else:
+            row = _tap_index(names, module)
         if row is None or not math.isfinite(values[row]) or not min_reduction <= red <= max_reduction:
             continue
-        if cuttable is not None and tap["module"] not in cuttable:
+        if any(c["module"] == module for c in candidates):
             continue
         value = float(values[row])
         cum = report.layers[row].get("cum_params", 0)
         dup = (num_subnets - 1) * cum / total if total else 0.0
         band = [float(low[row]), float(high[row])] if math.isfinite(low[row]) and math.isfinite(high[row]) else None
-        candidates.append({"module": tap["module"], "reduction": red, "cka": value, "ci95": band,
+        candidates.append({"module": module, "reduction": red, "cka": value, "ci95": band, "note": note,
                            "dup_fraction": dup, "dup_params": int((num_subnets - 1) * cum),
                            "score": value - param_weight * dup, "robust": value >= threshold,
                            "deep_enough": reference / smallest < max_upsample * red, "index": i})
+    if not candidates and plain is not None:
+        listed = ", ".join(sorted(plain | {c.module for c in stand_ins.values()})) or "none"
+        raise ToolkitError(f"no tap of the report at stride {min_reduction}..{max_reduction} (the last tap excluded: "
+                           f"something must remain to share) is one the model can be cut at (cuttable: {listed}); "
+                           "msun_builder.require_splittable(model) says why the others cannot be cut")
     if not candidates:
         raise ToolkitError(f"the report has no feature_info tap with a CKA value at stride {min_reduction}.."
                            f"{max_reduction}: analyse with --layers stages (or a selection including the taps)")
@@ -149,6 +172,8 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
         shallow = ", ".join(c["module"] for c in candidates if not c["deep_enough"])
         why += (f" among the taps deep enough for the {smallest}px subnet to reach the unified size"
                 f" ({shallow} would upsample its features {max_upsample:g}x or more)")
+    if best["note"]:
+        why += f" ({best['note']})"
     reason = f"split after {best['module']} (stride {best['reduction']}): {why}; {measured}; {cost}"
     for c in candidates:
         c.pop("index")

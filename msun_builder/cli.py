@@ -98,11 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _choose_split(args: argparse.Namespace, cfg: TrainConfig, loaded: Any, out: Path) -> dict[str, Any]:
     """The MSUN split: given (``--split-reduction``) or chosen from CKA (``--auto-split``), with its reason."""
     if not args.auto_split:
+        from msun_builder.split import require_splittable
+
+        require_splittable(loaded.model)  # a model no cut can serve (a ViT) is refused in one line naming why
         return {"reduction": cfg.split_reduction, "auto": False}
     from cka_scale.report import load_report
     from msun_builder.autosplit import auto_split
-    from msun_builder.split import splittable_taps
+    from msun_builder.split import require_splittable, split_candidates
 
+    cuttable = require_splittable(loaded.model, nearest=True)  # before measuring: a ViT is refused, saying why
     if args.report:
         report = load_report(args.report)
     else:
@@ -110,14 +114,14 @@ def _choose_split(args: argparse.Namespace, cfg: TrainConfig, loaded: Any, out: 
         from cka_scale.config import AnalyzeConfig
 
         # the split is a decision: measured on training images, never on the test split
+        layers = ",".join(split_candidates(loaded.model, cuttable))  # taps, and boundaries standing in for some
         acfg = AnalyzeConfig(model=cfg.model, scales=cfg.scales, data=cfg.data if args.data else "samples",
-                             split="train" if args.data else "test", layers="stages", device=cfg.device,
+                             split="train" if args.data else "test", layers=layers, device=cfg.device,
                              weights=cfg.weights, seed=cfg.seed)
         print(f"no --report given: measuring CKA first ({acfg.data} {acfg.split} split, scales "
-              f"{list(acfg.scales)}, stages)")
+              f"{list(acfg.scales)}, the taps a cut can use)")
         report = analyze(acfg, model=loaded.model, data_config=loaded.data_config, progress=not args.quiet)
         report.save(out / "analysis")
-    cuttable = [t.module for t in splittable_taps(loaded.model)]
     options = {} if args.split_threshold is None else {"threshold": args.split_threshold}
     choice = auto_split(report, num_subnets=len(cfg.scales), cuttable=cuttable, **options)
     return {"module": choice.module, "reduction": choice.reduction, "cka": choice.cka, "reason": choice.reason,

@@ -22,7 +22,7 @@ from cka_scale.report import Report
 from msun_builder._destride import SubnetPlan
 from msun_builder._network import MSUN, BranchOutputs, assemble
 from msun_builder._routing import check_routing, check_scales
-from msun_builder.split import choose_tap, input_channels
+from msun_builder.split import choose_tap, input_channels, require_splittable
 from scale_common.errors import ToolkitError
 from scale_common.files import atomic_path, atomic_write_json, read_json, read_safetensors
 
@@ -42,10 +42,21 @@ def _verify(msun: MSUN, base: nn.Module, size: int, channels: int) -> None:
         param = next(base.parameters())
         x = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0)).to(param.device)
         with torch.no_grad():
-            expected, got = base(x), msun(x)
+            expected = base(x)
+            try:
+                got = msun(x)
+            except (RuntimeError, ValueError, AssertionError) as err:
+                raise ToolkitError(f"the built MSUN does not run at the reference scale {size} ({type(err).__name__}: "
+                                   f"{(str(err).splitlines() or [''])[0][:160]}): the subnets' features do not fit "
+                                   "the unified net; please report this model; a different split_reduction may "
+                                   "work") from None
     finally:
         msun.train(modes[0])
         base.train(modes[1])
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        raise ToolkitError(f"the built MSUN returns {tuple(getattr(got, 'shape', ()))} where the original model "
+                           f"returns {tuple(expected.shape)} at the reference scale {size}: please report this model; "
+                           "verify=False skips the check")
     err = float((got - expected).abs().max())
     if not err <= 1e-5 * max(1.0, float(expected.abs().max())):
         raise ToolkitError(f"the built MSUN differs from the original model at the reference scale {size} by "
@@ -76,7 +87,9 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
         scales: Subnet input sides; the largest is the reference scale, whose subnet is the model's own shallow
             part. Each smaller scale's subnet is a copy of it with the same kernels, padding and weights, whose
             first stride steps are set to stride 1, as many as bring its output nearest to U (in log scale).
-        split_reduction: Cut after the ``feature_info`` tap with this total stride (the last such tap).
+        split_reduction: Cut after the ``feature_info`` tap with this total stride (the last such tap that can be
+            cut; a tap nested inside a block is replaced by the nearest boundary at its stride, recorded as
+            ``config["split"]["stands_for"]``).
         report: A :class:`cka_scale.Report`, or the path to a report folder or ``report.json``, from which
             ``msun_builder.autosplit.auto_split`` chooses the split. Give exactly one of the two.
         weights: ``"none"``, ``"auto"`` or a state-dict path, as in :func:`cka_scale.load_model` (names only).
@@ -88,8 +101,10 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
         The MSUN, in the base model's train/eval mode.
 
     Raises:
-        ToolkitError: Bad scales, split or routing; an unknown model name; a split that cannot be made; a scale
-            too small for the shallow part.
+        ToolkitError: Bad scales, split or routing; an unknown model name; a model with no tap that can be cut (a
+            vision transformer, a channels-last or multi-branch network: the message says which); a split that
+            cannot be made; a scale too small for the shallow part; subnets whose features do not fit the unified
+            net.
 
     Example:
         >>> msun = create_msun("test_resnet", scales=(16, 32, 64), split_reduction=4)
@@ -115,19 +130,22 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
         base, provenance = model, f"in-memory {type(model).__name__} passed to create_msun"
     else:
         raise ToolkitError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
+    cuttable = require_splittable(base, nearest=True)  # a model no cut can serve (a ViT) is refused here, saying why
     if report is not None:
         from msun_builder.autosplit import auto_split
-        from msun_builder.split import splittable_taps
 
-        cuttable = [t.module for t in splittable_taps(base)]
-        split_reduction = auto_split(report, num_subnets=len(scales), cuttable=cuttable).reduction
-    tap = choose_tap(base, split_reduction, None)
+        module = auto_split(report, num_subnets=len(scales), cuttable=cuttable).module
+        tap = next(t for t in cuttable if t.module == module)
+    else:
+        at = [t for t in cuttable if t.reduction == split_reduction]  # the deepest cuttable one at that stride
+        tap = at[-1] if at else choose_tap(base, split_reduction, None)  # uncuttable: assemble says why
     config: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "model": (getattr(base, "pretrained_cfg", None) or {}).get("architecture"),
         "num_classes": getattr(base, "num_classes", None),
         "in_chans": input_channels(base),
-        "split": {"module": tap.module, "reduction": tap.reduction, "num_chs": tap.num_chs},
+        "split": {"module": tap.module, "reduction": tap.reduction, "num_chs": tap.num_chs,
+                  **({"stands_for": tap.stands_for} if tap.stands_for else {})},
         "weights": provenance,
     }
     msun = assemble(base, tap.module, scales, config=config, routing=routing)

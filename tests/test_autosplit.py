@@ -161,3 +161,18 @@ def test_create_msun_takes_the_split_from_a_report_and_keeps_weight_provenance(t
     assert msun.config["weights"] == loaded.weights
     with pytest.raises(ToolkitError, match="exactly one"):
         create_msun(loaded, scales=(16, 64), report=report, split_reduction=8)
+
+
+def test_a_tap_the_cut_cannot_reach_is_replaced_by_its_boundary_and_the_reason_says_so():
+    from msun_builder.split import Tap
+
+    report = _report([("stem", 2), ("blocks.1.stack.act3", 4), ("blocks.2.stack.act3", 8), ("blocks.12", 32)],
+                     [0.5, 0.9, 0.7, 0.3], [10, 100, 1000, 10_000], 20_000)
+    cuttable = [Tap("blocks.0", 4, 128, stands_for="blocks.1.stack.act3"), Tap("blocks.12", 32, 2048)]
+    choice = auto_split(report, cuttable=cuttable)
+    assert (choice.module, choice.reduction) == ("blocks.0", 4)
+    assert "nearest boundary a cut can reach for the tap blocks.1.stack.act3" in choice.reason
+    assert "CKA measured at blocks.1.stack.act3" in choice.reason
+    with pytest.raises(ToolkitError, match=r"is one the model can be cut at \(cuttable: blocks.12\).*"
+                                           "require_splittable"):
+        auto_split(report, cuttable=[Tap("blocks.12", 32, 2048)])

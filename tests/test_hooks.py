@@ -77,14 +77,42 @@ class _Pair(nn.Module):
         return x, x * 2
 
 
-def test_shared_modules_and_tuple_outputs_are_refused_with_the_fix():
+def test_shared_modules_are_refused_and_tuple_outputs_measured_per_output():
     model = _SharedAct().eval()
     infos = trace_layers(model, 16)
     with pytest.raises(ToolkitError, match=r"'act' runs 2 times per forward pass.*blocks that call it"):
         select_layers(model, "act", infos)
-    with pytest.raises(ToolkitError, match=r"'pair' does not return one feature map.*child"):
-        select_layers(model, "pair", infos)
-    assert [i.name for i in select_layers(model, "all", infos)] == ["conv1", "conv2"]
+    assert [i.name for i in select_layers(model, "pair", infos)] == ["pair[0]", "pair[1]"]
+    assert [i.name for i in select_layers(model, "pair[1]", infos)] == ["pair[1]"]
+    assert [i.name for i in select_layers(model, "all", infos)] == ["conv1", "conv2", "pair[0]", "pair[1]"]
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad(), capture_grams(model, ["pair[1]", "conv2", "pair[0]"],
+                                        reduce=parse_spatial("flatten")) as take:
+        model(x)
+        grams = take()
+        first = gram_linear(model.conv2(model.act(model.conv1(x))).relu().flatten(1))
+    torch.testing.assert_close(grams[2], first)
+    torch.testing.assert_close(grams[0], 4 * first)  # pair[1] is twice pair[0]
+    with pytest.raises(ToolkitError, match=r"pair\[0\], pair\[1\]"), torch.no_grad(), \
+            capture_grams(model, ["pair[2]"], reduce=parse_spatial("flatten")):
+        model(x)
+
+
+def test_multi_branch_stages_are_measured_per_output():
+    model = timm.create_model("hrnet_w18_small").eval()
+    infos = trace_layers(model, 64)
+    stages = [i.name for i in select_layers(model, "stages", infos)]
+    assert stages == ["stage2[0]", "stage2[1]", "stage3[0]", "stage3[1]", "stage3[2]", "stage4[0]", "stage4[1]",
+                      "stage4[2]", "stage4[3]"]
+    reductions = [i.reduction for i in select_layers(model, "stage4", infos)]
+    assert reductions == [4, 8, 16, 32]
+
+
+def test_blocks_fall_back_to_the_stage_children_without_group_matcher():
+    model = timm.create_model("poolformer_s12").eval()
+    assert not hasattr(model, "group_matcher")
+    names = [i.name for i in select_layers(model, "blocks", trace_layers(model, 64))]
+    assert names[:3] == ["stem", "stages.0.blocks.0", "stages.0.blocks.1"] and "stages.3.blocks.1" in names
 
 
 def test_capture_is_safe_against_inplace_activations():
@@ -128,3 +156,32 @@ def test_fixed_size_model_gets_a_clear_error():
     vit = timm.create_model("vit_tiny_patch16_224").eval()  # strict 224 px input
     with pytest.raises(ToolkitError, match=r"cannot run at input size 32x32.*--resize down-up"):
         trace_layers(vit, 32)
+
+
+def test_blocks_are_not_split_into_the_members_of_a_module_list():
+    model = timm.create_model("res2net50_14w_8s").eval()  # Bottle2neck keeps its convs in a ModuleList
+    names = [i.name for i in select_layers(model, "blocks", trace_layers(model, 64))]
+    assert "layer1.0" in names and not any(".convs." in n or ".bns." in n for n in names)
+    assert len(names) == 18  # conv1, bn1 and the 16 residual blocks
+
+
+class _ListStages(nn.Module):
+    """A stage kept in a ModuleList (never called itself), named by feature_info as CoaT does."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.blocks = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)])
+        self.feature_info = [dict(module="stem", reduction=2, num_chs=4), dict(module="blocks", reduction=2,
+                                                                                num_chs=4)]
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x.mean((2, 3))
+
+
+def test_a_stage_that_never_runs_itself_is_measured_at_its_last_block():
+    model = _ListStages().eval()
+    assert [i.name for i in select_layers(model, "stages", trace_layers(model, 16))] == ["stem", "blocks.2"]

@@ -290,3 +290,28 @@ def test_model_with_extra_constructor_kwargs_cannot_be_saved(tmp_path: Path) -> 
     msun = create_msun(_model(name, **kwargs), SCALES, split_reduction=reduction)
     with pytest.raises(ToolkitError, match="without extra constructor arguments"):
         save_msun(msun, tmp_path)
+
+
+def test_a_channels_last_model_is_refused_before_the_surgery() -> None:
+    with pytest.raises(ToolkitError, match=r"test_mambaout cannot be split into an MSUN.*channels-last"):
+        create_msun("test_mambaout", scales=(32, 64), split_reduction=4)
+
+
+def test_a_nested_tap_is_cut_at_its_boundary_and_round_trips(tmp_path: Path) -> None:
+    base = timm.create_model("xception41").eval()
+    msun = create_msun(base, scales=(32, 64), split_reduction=4)
+    assert msun.config["split"] == {"module": "blocks.0", "reduction": 4, "num_chs": 128,
+                                    "stands_for": "blocks.1.stack.act3"}
+    save_msun(msun, tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(load_msun(tmp_path)(x), msun.eval()(x), rtol=0, atol=0)
+
+
+def test_msun_build_refuses_a_vision_transformer_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from msun_builder.cli import build_main
+
+    assert build_main(["test_vit", "--weights", "none", "--split-reduction", "4", "--scales", "32,64",
+                       "--out", "/nonexistent/never-written"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "token sequences" in err and "not transformers" in err

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from msun_builder import Tap, list_taps, split_model, splittable_taps
+from msun_builder import Tap, list_taps, require_splittable, split_model, splittable_taps
 from scale_common.errors import ToolkitError
 
 # One small but real member per family (reduced constructor kwargs where timm has no tiny variant).
@@ -188,3 +188,30 @@ def test_split_keeps_training_mode_and_running_stats() -> None:
     shallow, deep = split_model(model, reduction=4)
     assert model.training and shallow.training and deep.training
     torch.testing.assert_close(model.bn1.running_mean, stats, rtol=0, atol=0)  # the dry runs are in eval mode
+
+
+def test_a_nested_tap_maps_to_the_nearest_boundary_at_its_reduction() -> None:
+    model = _model("test_resnet")
+    model.feature_info = [*model.feature_info[:2], dict(module="layer2.0.conv1", reduction=8, num_chs=48),
+                          *model.feature_info[3:]]
+    plain = [t.module for t in splittable_taps(model)]
+    assert "layer2.0.conv1" not in plain
+    mapped = {t.stands_for: t for t in splittable_taps(model, nearest=True) if t.stands_for}
+    boundary = mapped["layer2.0.conv1"]
+    assert boundary.module.startswith("layer2") and boundary.reduction == 8
+    shallow, deep = split_model(model, module=boundary.module)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(shallow(x)), model(x))
+        assert shallow(x).shape[1] == boundary.num_chs and shallow(x).shape[-1] == 64 // 8
+
+
+@pytest.mark.parametrize("name,why", [("test_vit", r"token sequences .* MSUN splits CNNs, not transformers"),
+                                      ("test_mambaout", r"channels-last .*\(B, H, W, C\)")])
+def test_a_model_no_cut_can_serve_is_refused_in_one_line_naming_why(name, why) -> None:
+    model = _model(name)
+    assert splittable_taps(model, nearest=True) == []
+    with pytest.raises(ToolkitError, match=f"cannot be split into an MSUN: no feature_info tap can be cut.*{why}") \
+            as info:
+        require_splittable(model)
+    assert "\n" not in str(info.value)

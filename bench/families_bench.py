@@ -1,0 +1,107 @@
+"""Per timm family: layers per --layers mode, analysis time, peak memory, and whether the MSUN surgery is exact.
+
+Runs what ``tests/test_families.py`` runs (one small member per family from ``tests/families.py``, random weights,
+8 texture images at scales size/2 and size, figures on), each family in a fresh process so that its peak resident
+memory (``ru_maxrss``, which includes the ~0.4 GB of torch and timm themselves) is its own. Prints one Markdown table
+row per family as it finishes; ``--json PATH`` also writes the rows.
+
+    OMP_NUM_THREADS=1 python bench/families_bench.py                 # every CNN family
+    OMP_NUM_THREADS=1 python bench/families_bench.py hrnet selecsls  # some families
+    OMP_NUM_THREADS=1 python bench/families_bench.py --kind transformer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from families import FAMILIES, analyse_family, build_family_msun  # noqa: E402
+
+HEADER = ("| family | model | size | stages | blocks | all | analysis s (stages/blocks/all) | peak RSS MB | MSUN split "
+          "| exact (max err) | reload |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def one(key: str) -> dict[str, object]:
+    """Run one family in this process and return its row."""
+    warnings.filterwarnings("ignore")
+    family = FAMILIES[key]
+    row: dict[str, object] = {"family": key, "model": family.model, "size": family.size}
+    with tempfile.TemporaryDirectory() as tmp:
+        modes = ("stages", "blocks", "all") if family.kind == "cnn" else ("stages",)
+        for mode in modes:
+            try:
+                result = analyse_family(family, Path(tmp) / mode, mode)
+                row[mode] = result["layers"]
+                row[f"{mode}_s"] = round(result["seconds"], 2)
+            except Exception as err:  # a row says what failed instead of stopping the table
+                row[mode] = f"error: {type(err).__name__}: {str(err)[:120]}"
+        if family.kind == "cnn" and family.cut:
+            try:
+                built = build_family_msun(family, Path(tmp) / "msun")
+                row["split"] = built["module"] + (f" (for {built['stands_for']})" if built.get("stands_for") else "")
+                row["max_error"] = built["max_error"]
+                row["exact"] = built["max_error"] <= 1e-5 * max(1.0, built["scale"])
+                row["reload_exact"] = built["reload_error"] == 0.0
+            except Exception as err:
+                row["split"] = f"error: {type(err).__name__}: {str(err)[:120]}"
+        elif family.kind == "cnn":
+            row["split"] = f"refused: {family.why}"
+    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
+
+
+def markdown(row: dict[str, object]) -> str:
+    """One Markdown table row."""
+    times = "/".join(str(row.get(f"{m}_s", "-")) for m in ("stages", "blocks", "all"))
+    exact = "-" if "exact" not in row else f"{'yes' if row['exact'] else 'NO'} ({row['max_error']:.1g})"
+    reload = "-" if "reload_exact" not in row else ("yes" if row["reload_exact"] else "NO")
+    counts = " | ".join(str(row.get(m, "-")) for m in ("stages", "blocks", "all"))
+    return (f"| {row['family']} | {row['model']} | {row['size']} | {counts} | {times} | {row['peak_rss_mb']} "
+            f"| {row.get('split', '-')} | {exact} | {reload} |")
+
+
+def main() -> int:
+    """Run the families (each in a subprocess) and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("families", nargs="*", help="family keys (timm module names); default: every one of --kind")
+    parser.add_argument("--kind", default="cnn", choices=("cnn", "transformer"))
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one family, print its JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one)))
+        return 0
+    keys = args.families or [k for k, f in FAMILIES.items() if f.kind == args.kind]
+    print(HEADER, flush=True)
+    rows = []
+    started = time.perf_counter()
+    for key in keys:
+        done = subprocess.run([sys.executable, __file__, "--one", key], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+        lines = done.stdout.strip().splitlines()
+        try:
+            row = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            row = {"family": key, "model": FAMILIES[key].model, "size": FAMILIES[key].size, "peak_rss_mb": "-",
+                   "split": f"crashed: {(done.stderr.strip().splitlines() or ['?'])[-1][:120]}"}
+        rows.append(row)
+        print(markdown(row), flush=True)
+    print(f"\n{len(rows)} families in {time.perf_counter() - started:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
