@@ -113,9 +113,10 @@ What the full settings show (the suite runs this notebook with tiny settings, so
 MSUN_EVALUATION = [
     ("md", """# MSUN against vanilla and multi-scale training: accuracy and cost by test size, with intervals
 
-This notebook reads the saved evaluations of `bench/msun_benchmark.py` (Fashion-MNIST, reference 32 px, test sizes
-8-32 px, all 10 000 test images, three seeds per method; see `bench/RESULTS.md`) and draws accuracy and cost by test
-size with 95% interval bands, the paired differences MSUN minus baseline, and accuracy against GFLOPs.
+This notebook reads the saved evaluations of `bench/msun_benchmark.py`, committed under `bench/results/`
+(Fashion-MNIST, reference 32 px, test sizes 8-32 px, all 10 000 test images, three seeds per method; see
+`bench/RESULTS.md`), and draws accuracy and cost by test size with 95% interval bands, the paired differences MSUN
+minus baseline, and accuracy against GFLOPs.
 
 Every number comes from `msun-eval`'s `eval.json`: accuracies are averaged over a row's seeds per test image and the
 interval is a percentile bootstrap over the test images (paired for differences). When the benchmark has not been
@@ -127,8 +128,9 @@ from pathlib import Path
 
 # The test suite runs this notebook with CKA_SCALE_NOTEBOOK_FAST=1: tiny runs trained here, a few test images.
 FAST = os.environ.get("CKA_SCALE_NOTEBOOK_FAST") == "1"
-BENCH = Path(os.environ.get("MSUN_BENCHMARK_DIR", "../bench/out/msun-benchmark"))
-REGIME = "finetune"  # or "scratch"
+# the evaluations committed with the toolkit; point MSUN_BENCHMARK_DIR at bench/out/msun-benchmark for your own run
+BENCH = Path(os.environ.get("MSUN_BENCHMARK_DIR", "../bench/results/msun-benchmark"))
+REGIME = "scratch"  # "finetune" once its three seeds are evaluated
 OUT = Path("runs/notebook-eval")
 saved = BENCH / REGIME / "eval-native" / "eval.json"
 USE_BENCH = not FAST and saved.is_file()
