@@ -58,13 +58,10 @@ def _record(run: Path) -> dict:
 
 def _validation_lossy(run: Path) -> float:
     """Rule-routed validation accuracy averaged over the lossy sizes (the decision-time measure)."""
+    from msun_builder._routing import route
+
     val = _record(run)["validation"]
-    rule = val["rule"]
-    acc = []
-    for size in LOSSY:
-        branch = next((scale for bound, scale in rule if size <= bound), rule[-1][1])
-        acc.append(val["accuracy"][str(branch)][str(size)])
-    return float(np.mean(acc))
+    return float(np.mean([val["accuracy"][str(route(val["rule"], size))][str(size)] for size in LOSSY]))
 
 
 def _evaluate(runs: list[Path], out: Path, images: int | None) -> dict:

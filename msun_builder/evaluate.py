@@ -404,9 +404,8 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: list[str]) ->
     writer.writeheader()
     for row in rows:
         flat = dict(row)
-        for key in ("ci95",):
-            if key in flat:
-                flat["ci_low"], flat["ci_high"] = flat.pop(key)
+        if "ci95" in flat:
+            flat["ci_low"], flat["ci_high"] = flat.pop("ci95")
         for key, value in flat.items():
             if isinstance(value, list):
                 flat[key] = ";".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in value)

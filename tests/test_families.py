@@ -71,11 +71,15 @@ def test_transformer_family_analyses(key: str, tmp_path) -> None:
     assert result["layers"] >= 1 and np.isfinite(result["report"].sensitivity(family.size // 2)[0]).all()
 
 
-def _keep(store: dict) -> object:
-    def hook(_module, _args, out) -> None:
-        store.setdefault("out", out.clone())
-
-    return hook
+def _gram_and_output(model, layer: str, reduce: str, infos) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gram matrix capture_grams measures at ``layer`` for 5 random images, and the layer's raw output."""
+    kept = {}
+    handle = model.get_submodule(layer).register_forward_hook(lambda _m, _a, out: kept.setdefault("out", out.clone()))
+    with torch.no_grad(), capture_grams(model, [layer], reduce=parse_spatial(reduce), infos=infos) as take:
+        model(torch.randn(5, 3, 64, 64))
+        grams = take()
+    handle.remove()
+    return grams[0], kept["out"]
 
 
 # Item: the eight transformer / hybrid families of the issue, tiniest configs, both resize modes.
@@ -114,14 +118,8 @@ def test_the_class_token_is_left_out_and_the_patch_grid_measured():
     assert {b.prefix_tokens for b in blocks} == {2} and blocks[0].shape == (2 + 16, 192)
     patch = next(i for i in infos if i.name == "patch_embed")
     assert patch.prefix_tokens == 0 and patch.channels_last  # dynamic size: patch_embed keeps the (B, H, W, C) grid
-    x = torch.randn(5, 3, 64, 64)
-    kept = {}
-    handle = model.blocks[0].register_forward_hook(_keep(kept))
-    with torch.no_grad(), capture_grams(model, ["blocks.0"], reduce=parse_spatial("flatten"), infos=blocks) as take:
-        model(x)
-        grams = take()
-    handle.remove()
-    torch.testing.assert_close(grams[0], gram_linear(kept["out"][:, 2:].flatten(1)))
+    gram, out = _gram_and_output(model, "blocks.0", "flatten", blocks)
+    torch.testing.assert_close(gram, gram_linear(out[:, 2:].flatten(1)))
 
 
 def test_channels_last_maps_are_measured_channels_first():
@@ -131,11 +129,5 @@ def test_channels_last_maps_are_measured_channels_first():
     stages = select_layers(model, "stages", infos)
     assert all(s.channels_last for s in stages)
     assert [s.reduction for s in stages] == [4, 8, 16, 32]
-    x = torch.randn(5, 3, 64, 64)
-    kept = {}
-    handle = model.layers[1].register_forward_hook(_keep(kept))
-    with torch.no_grad(), capture_grams(model, ["layers.1"], reduce=parse_spatial("gap"), infos=stages) as take:
-        model(x)
-        grams = take()
-    handle.remove()
-    torch.testing.assert_close(grams[0], gram_linear(kept["out"].mean((1, 2))))  # gap over H, W: C features
+    gram, out = _gram_and_output(model, "layers.1", "gap", stages)
+    torch.testing.assert_close(gram, gram_linear(out.mean((1, 2))))  # gap over H, W: C features
