@@ -113,10 +113,10 @@ def _evaluate(runs: list[Path], out: Path, native: bool, images: int | None) -> 
 
 
 def _cell(row: dict, signed: bool = False) -> str:
-    value, (low, high) = row.get("accuracy", row.get("difference")), row["ci95"]
-    f = "{:+.1f}" if signed else "{:.1f}"
-    text = f"{f.format(100 * value)} [{f.format(100 * low)}, {f.format(100 * high)}]"
-    return f"**{text}**" if signed and (low > 0 or high < 0) else text
+    from msun_builder.evaluate import format_interval
+
+    text = format_interval(row, signed)
+    return f"**{text}**" if signed and row["excludes_zero"] else text
 
 
 def summary(folder: Path, kind: str, columns: tuple[str, ...] = ("8", "12", "16", "24", "32", "avg<28", "avg")) -> str:

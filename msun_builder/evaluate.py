@@ -74,7 +74,7 @@ from scale_common.errors import ToolkitError
 from scale_common.files import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from scale_common.resize import down_up, resize
 
-__all__ = ["NATIVE_SIZES", "evaluate_runs", "group_runs", "markdown_table"]
+__all__ = ["NATIVE_SIZES", "evaluate_runs", "format_interval", "group_runs", "markdown_table"]
 
 #: The native image side of a ``--data`` source whose images all have one size: sizes below it lose information.
 NATIVE_SIZES = {"fashion-mnist": 28, "fashion-mnist-subset": 28}
@@ -254,9 +254,20 @@ def _display(group: str, method: str, label: str) -> str:
     return f"{group}: {label}"
 
 
-def _pct(iv: Interval | dict[str, float], signed: bool = False) -> str:
-    est, low, high = (iv.estimate, iv.low, iv.high) if isinstance(iv, Interval) else \
-        (iv["accuracy"], iv["ci95"][0], iv["ci95"][1])
+def format_interval(row: Interval | dict[str, Any], signed: bool = False) -> str:
+    """``"85.3 [84.6, 86.0]"`` in percent: an :class:`Interval`, or an evaluation row with ``ci95`` and its value.
+
+    Args:
+        row: An interval, or a row of ``eval.json`` (``accuracy`` or ``difference``, and ``ci95``).
+        signed: Print signs (for differences).
+
+    Returns:
+        The estimate and its interval, one decimal.
+    """
+    if isinstance(row, Interval):
+        est, low, high = row
+    else:
+        est, (low, high) = row.get("accuracy", row.get("difference")), row["ci95"]
     fmt = "{:+.1f}" if signed else "{:.1f}"
     return f"{fmt.format(100 * est)} [{fmt.format(100 * low)}, {fmt.format(100 * high)}]"
 
@@ -343,7 +354,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], *, key: str = "accuracy", sca
 
     def cell(row: dict[str, Any]) -> str:
         if key == "accuracy" and "ci95" in row:
-            return _pct(row)
+            return format_interval(row)
         return f"{row[key] * scale:.{digits}f}"
 
     for label in labels:
@@ -351,7 +362,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], *, key: str = "accuracy", sca
         cells = [cell(mine[s]) if s in mine else "" for s in sizes]
         if averages:
             avg = {a["span"]: a for a in averages if a["label"] == label}
-            cells += [_pct(avg[s]) if s in avg else "" for s in spans]
+            cells += [format_interval(avg[s]) if s in avg else "" for s in spans]
         elif average:
             cells.append(f"{np.mean([r[key] * scale for r in mine.values()]):.{digits}f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -367,7 +378,7 @@ def _difference_table(differences: Sequence[dict[str, Any]]) -> str:
         cells = []
         for w in wheres:
             d = mine[w]
-            text = _pct(Interval(d["difference"], *d["ci95"]), signed=True)
+            text = format_interval(d, signed=True)
             cells.append(f"**{text}**" if d["excludes_zero"] else text)
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
