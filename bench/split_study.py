@@ -2,7 +2,8 @@
 
 For each regime of ``bench/msun_benchmark.py`` (same data, scales 8/16/32, budget, optimizer and seeds 0/1/2):
 
-- **sweep**: ``msun-build MODEL --split-reduction R`` at every tap ``split_model`` can cut with stride 2..16;
+- **sweep**: ``msun-build MODEL --split-reduction R`` at every tap ``split_model`` can cut with stride 2..16 (at the
+  tap ``--auto-split`` chose, the benchmark's finished MSUN run of that seed is reused: the same configuration);
 - **evidence**: the CKA report ``--auto-split`` measured on the training images (stored in each benchmark MSUN run's
   ``run.json``: every candidate tap's CKA with its 95% interval, duplicated parameters, score, and the pick);
 - **ablation** (``--part ablation``): at the split ``--auto-split`` ships for the regime, the scale-invariant loss off
@@ -56,6 +57,43 @@ def _record(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())
 
 
+def _benchmark_run(run: Path, module: str, stride: int) -> Path | None:
+    """The benchmark's finished ``--auto-split`` MSUN run when it cut at ``module``, else None.
+
+    It is the same configuration (model, budget, seed, split) the sweep would train, so it is reused, not retrained.
+    """
+    if not ((run / "model").is_dir() and (run / "run.json").is_file()):
+        return None
+    split = _record(run).get("split") or {}
+    return run if split.get("module") == module and int(split.get("reduction", 0)) == stride else None
+
+
+def _trained_cka(regime: str, model: str, taps: list[tuple[str, int]], bench: Path, folder: Path, seeds: list[int],
+                 images: int | None) -> dict[int, list[tuple[float, list[float]]]]:
+    """CKA (smallest scale vs reference) at every tap of the benchmark's *trained* vanilla model, per seed.
+
+    ``--auto-split`` measures the model it is given (random weights in the scratch regime, where the curve is flat);
+    this measures the same taps after training at the reference, where the curve really varies, on training images.
+    Returns stride -> [(cka, ci95), ...] over the seeds whose vanilla run exists.
+    """
+    smallest = min(int(s) for s in SCALES.split(","))
+    found: dict[int, list[tuple[float, list[float]]]] = {}
+    for seed in seeds:
+        weights = bench / regime / f"vanilla-s{seed}" / "model" / "model.safetensors"
+        if not weights.is_file():
+            continue
+        out = folder / f"cka-trained-s{seed}"
+        if not (out / "report.json").is_file():
+            _run([str(BIN / "cka-scale"), "analyze", model, "--weights", str(weights), "--data", DATA, "--split",
+                  "train", "--scales", SCALES, "--images", str(images or 1024), "--seed", str(seed), "--layers",
+                  ",".join(m for m, _ in taps), "--no-plots", "--quiet", "--out", str(out)])
+        layers = {layer["name"]: layer for layer in json.loads((out / "report.json").read_text())["layers"]}
+        for module, stride in taps:
+            layer = layers[module]
+            found.setdefault(stride, []).append((layer["cka"][str(smallest)], layer["ci95"][str(smallest)]))
+    return found
+
+
 def _validation_lossy(run: Path) -> float:
     """Rule-routed validation accuracy averaged over the lossy sizes (the decision-time measure)."""
     from msun_builder._routing import route
@@ -72,11 +110,11 @@ def _evaluate(runs: list[Path], out: Path, images: int | None) -> dict:
     return json.loads(done.read_text())
 
 
-def _lossy_table(out: Path, names: list[str]) -> np.ndarray:
-    """Per group: correctness ``(seeds, images)`` of the rule-routed MSUN averaged over the lossy sizes."""
+def _lossy_table(out: Path, names: list[str], at: tuple[int, ...] = LOSSY) -> np.ndarray:
+    """Per group: correctness ``(seeds, images)`` of the rule-routed MSUN averaged over the sizes ``at``."""
     saved = np.load(out / "correct.npz")
     rows, sizes = list(saved["rows"]), list(saved["sizes"])
-    idx = [sizes.index(s) for s in LOSSY if s in sizes]
+    idx = [sizes.index(s) for s in at if s in sizes]
     per = [saved["correct"][rows.index(f"{n}|msun (rule)")][idx].mean(axis=0) for n in names]
     return np.stack(per)
 
@@ -96,7 +134,8 @@ def _spearman_ci(score: np.ndarray, tables: list[np.ndarray], resamples: int = 2
     return rho, float(low), float(high)
 
 
-def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int | None, quick: bool) -> str:
+def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int | None, quick: bool,
+           train_only: bool = False) -> str:
     """Sweep every tap of one regime, evaluate, and write its study table; return the Markdown."""
     from msun_builder.stats import accuracy_ci, difference_ci
 
@@ -104,11 +143,15 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
     flags = QUICK if quick else flags
     taps = _taps(model)
     runs: dict[int, list[Path]] = {}
-    for _, stride in taps:
+    for module, stride in taps:
         for seed in seeds:
-            out = root / regime / f"r{stride}-s{seed}"
-            _train(out, model, weights, flags, ["--method", "msun", "--split-reduction", str(stride)], seed)
+            reused = _benchmark_run(bench / regime / f"msun-s{seed}", module, stride)
+            out = reused or root / regime / f"r{stride}-s{seed}"
+            if reused is None:
+                _train(out, model, weights, flags, ["--method", "msun", "--split-module", module], seed)
             runs.setdefault(stride, []).append(out)
+    if train_only:
+        return ""
     evaluation = _evaluate([r for group in runs.values() for r in group], root / regime / "eval-sweep", images)
     names = {stride: [r.name for r in group] for stride, group in runs.items()}
     tables = {stride: _lossy_table(root / regime / "eval-sweep", names[stride]) for stride in runs}
@@ -122,14 +165,17 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
             picks.append(int(split["reduction"]))
             for cand in split.get("candidates", []):
                 evidence.setdefault(int(cand["reduction"]), []).append(cand)
+    trained = _trained_cka(regime, model, taps, bench, root / regime, seeds, images)
     lines = [f"### {regime}: MSUN at every cuttable tap ({model}, scales {SCALES}, seeds {seeds})", "",
              f"Test: {evaluation['images']} images, rule routing, accuracy averaged over the lossy sizes "
              f"{'/'.join(map(str, LOSSY))} px [95% interval]. Validation: the same on each run's held-out training "
              "images, seeds averaged. CKA: smallest scale vs reference at the tap, from `--auto-split`'s analysis of "
-             "training images (mean over seeds [interval of seed 0]); score = CKA - 0.5 x duplicated fraction.", "",
-             "| tap (stride) | CKA | score | validation, lossy | test, lossy | test, all sizes | params (M) | "
-             "GFLOPs per branch 8/16/32 |", "|---|---|---|---|---|---|---|---|"]
-    scores, measured = [], []
+             "training images (mean over seeds [interval of seed 0]); score = CKA - 0.5 x duplicated fraction. "
+             "CKA trained: the same taps of the benchmark's vanilla model after training at the reference (1024 "
+             "training images per seed; mean over seeds [interval of seed 0]).", "",
+             "| tap (stride) | CKA | score | CKA trained | validation, lossy | test, lossy | test, all sizes "
+             "| params (M) | GFLOPs per branch 8/16/32 |", "|---|---|---|---|---|---|---|---|---|"]
+    scores, measured, after = [], [], []
     for module, stride in taps:
         val = np.mean([_validation_lossy(r) for r in runs[stride]])
         test = accuracy_ci(tables[stride])
@@ -146,7 +192,11 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
         score = float(np.mean([c["score"] for c in cands])) if cands else float("nan")
         scores.append(score)
         measured.append((stride, val, test))
-        lines.append(f"| {module} ({stride}) | {cka} | {score:.3f} | {100 * val:.1f} | {100 * test.estimate:.1f} "
+        post = trained.get(stride, [])
+        after.append(float(np.mean([c for c, _ in post])) if post else float("nan"))
+        cka_after = f"{after[-1]:.3f} [{post[0][1][0]:.3f}, {post[0][1][1]:.3f}]" if post else "n/a"
+        lines.append(f"| {module} ({stride}) | {cka} | {score:.3f} | {cka_after} | {100 * val:.1f} | "
+                     f"{100 * test.estimate:.1f} "
                      f"[{100 * test.low:.1f}, {100 * test.high:.1f}] | {100 * avg['accuracy']:.1f} | {params:.2f} | "
                      f"{gflops} |")
     best_val = max(measured, key=lambda m: m[1])[0]
@@ -166,16 +216,21 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
         diff = difference_ci(tables[stride], tables[best_test])
         lines.append(f"| {rule} | {stride} | {100 * test.estimate:.1f} [{100 * test.low:.1f}, {100 * test.high:.1f}]"
                      f" | {100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] |")
-    finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
-    if len(finite) >= 3:
-        rho, low, high = _spearman_ci(np.array(scores)[finite], [tables[taps[i][1]] for i in finite])
-        lines += ["", f"Spearman's rho (auto_split score vs test lossy accuracy, {len(finite)} taps): {rho:+.2f} "
-                      f"[{low:+.2f}, {high:+.2f}] (bootstrap over test images; describes these taps only)."]
-    _figure(root / regime, taps, evidence, measured, [runs[s][0] for _, s in taps], regime)
+    before = [np.mean([c["cka"] for c in evidence[s]]) if evidence.get(s) else np.nan for _, s in taps]
+    measures = {"auto_split score": scores, "CKA as --auto-split measures it": before, "CKA after training": after}
+    lines.append("")
+    for what, values in measures.items():
+        finite = [i for i, v in enumerate(values) if np.isfinite(v)]
+        if len(finite) >= 3:
+            rho, low, high = _spearman_ci(np.array(values)[finite], [tables[taps[i][1]] for i in finite])
+            lines.append(f"- Spearman's rho, {what} vs test lossy accuracy ({len(finite)} taps): {rho:+.2f} "
+                         f"[{low:+.2f}, {high:+.2f}] (bootstrap over test images; describes these taps only).")
+    _figure(root / regime, taps, evidence, trained, measured, [runs[s][0] for _, s in taps], regime)
     return "\n".join(lines) + "\n"
 
 
-def _figure(folder: Path, taps: list, evidence: dict, measured: list, first_runs: list[Path], regime: str) -> None:
+def _figure(folder: Path, taps: list, evidence: dict, trained: dict, measured: list, first_runs: list[Path],
+            regime: str) -> None:
     """CKA above, lossy-size accuracy and GFLOPs below, on one split-depth axis."""
     from matplotlib.figure import Figure
 
@@ -183,7 +238,10 @@ def _figure(folder: Path, taps: list, evidence: dict, measured: list, first_runs
     top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     x = np.arange(len(taps))
     cka = [np.mean([c["cka"] for c in evidence.get(s, [])]) if evidence.get(s) else np.nan for _, s in taps]
-    top.plot(x, cka, "o-", color="C0")
+    top.plot(x, cka, "o-", color="C0", label="as --auto-split measures it (before training)")
+    post = [np.mean([c for c, _ in trained[s]]) if trained.get(s) else np.nan for _, s in taps]
+    top.plot(x, post, "^-", color="C3", label="after training (the vanilla model)")
+    top.legend(fontsize=8)
     top.set(ylabel="CKA, smallest vs reference", title=f"{regime}: the split study")
     acc = np.array([[100 * m[2].estimate, 100 * m[2].low, 100 * m[2].high] for m in measured])
     bottom.errorbar(x, acc[:, 0], yerr=[acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]], fmt="o-", color="C1",
@@ -201,25 +259,51 @@ def _figure(folder: Path, taps: list, evidence: dict, measured: list, first_runs
     fig.savefig(folder / "split_study.png", dpi=120)
 
 
-def _ablation(regime: str, root: Path, bench: Path, seeds: list[int], images: int | None, quick: bool) -> str:
+def _ablation(regime: str, root: Path, bench: Path, seeds: list[int], images: int | None, quick: bool,
+              train_only: bool = False) -> str:
     """Variants of the shipped configuration at the split --auto-split chose; evaluated with the benchmark MSUN."""
+    from msun_builder.stats import accuracy_ci, difference_ci
+
     model, weights, flags = REGIMES[regime]
     flags = QUICK if quick else flags
     base = [bench / regime / f"msun-s{seed}" for seed in seeds]
     missing = [str(r) for r in base if not (r / "model").is_dir()]
     if missing:
         sys.exit(f"the ablation reuses the benchmark's MSUN runs; train them first: {missing}")
-    runs = list(base)
+    runs = {"shipped": base}
     for name, extra in ABLATIONS.items():
         for seed in seeds:
-            stride = _record(bench / regime / f"msun-s{seed}")["split"]["reduction"]
+            module = _record(bench / regime / f"msun-s{seed}")["split"]["module"]  # exactly the shipped cut
             out = root / regime / "ablation" / f"{name}-s{seed}"
-            _train(out, model, weights, flags, ["--method", "msun", "--split-reduction", str(stride), *extra], seed)
-            runs.append(out)
-    evaluation = _evaluate(runs, root / regime / "eval-ablation", images)
-    return f"### {regime}: ablations at the shipped split\n\n" + "\n".join(
-        f"| {d['a']} − {d['b']} | {d['size']} | {100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, "
-        f"{100 * d['ci95'][1]:+.1f}] |" for d in evaluation["differences"]) + "\n"
+            _train(out, model, weights, flags, ["--method", "msun", "--split-module", module, *extra], seed)
+            runs.setdefault(name, []).append(out)
+    if train_only:
+        return ""
+    folder = root / regime / "eval-ablation"
+    evaluation = _evaluate([r for group in runs.values() for r in group], folder, images)
+    reference = max(int(s) for s in SCALES.split(","))
+    tables = {name: (_lossy_table(folder, [r.name for r in group]),
+                     _lossy_table(folder, [r.name for r in group], (reference,))) for name, group in runs.items()}
+    lines = [f"### {regime}: ablations at the shipped split ({model}, seeds {seeds})", "",
+             f"Test: {evaluation['images']} images, rule routing; lossy = the average over {'/'.join(map(str, LOSSY))} "
+             f"px; differences are paired (bootstrap over test images, seeds averaged per image) against the shipped "
+             f"configuration (scale-invariant MSE, weight 1, tau 0.01, all pairs: the benchmark's MSUN runs). "
+             "Validation: rule-routed accuracy over the lossy sizes on each run's held-out training images.", "",
+             f"| variant | validation, lossy | test, lossy | minus shipped | test, {reference} px | minus shipped |",
+             "|---|---|---|---|---|---|"]
+    for name, group in runs.items():
+        val = np.mean([_validation_lossy(r) for r in group])
+        cells = [name, f"{100 * val:.1f}"]
+        for k in range(2):
+            acc = accuracy_ci(tables[name][k])
+            cells.append(f"{100 * acc.estimate:.1f} [{100 * acc.low:.1f}, {100 * acc.high:.1f}]")
+            if name == "shipped":
+                cells.append("")
+                continue
+            diff = difference_ci(tables[name][k], tables["shipped"][k])
+            cells.append(f"{100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -229,6 +313,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds")
     parser.add_argument("--part", choices=("sweep", "ablation"), default="sweep")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, 500 test images (pipeline check)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the runs and stop (one process per seed can train in parallel; evaluate after)")
     parser.add_argument("--out", default="bench/out/split-study")
     parser.add_argument("--benchmark", default="bench/out/msun-benchmark", help="bench/msun_benchmark.py's --out")
     args = parser.parse_args()
@@ -240,7 +326,9 @@ def main() -> None:
         if regime not in REGIMES:
             parser.error(f"unknown regime {regime!r}: choose from {', '.join(REGIMES)}")
         part = _study if args.part == "sweep" else _ablation
-        text = part(regime, root, bench, seeds, images, args.quick)
+        text = part(regime, root, bench, seeds, images, args.quick, args.train_only)
+        if args.train_only:
+            continue
         (root / regime).mkdir(parents=True, exist_ok=True)
         (root / regime / f"{args.part}.md").write_text(text)
         print(text, flush=True)

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--auto-split", action="store_true", help="choose the split from a CKA report (runs one if needed)")
     g.add_argument("--report", default=None, help="report folder of `cka-scale analyze` for --auto-split")
     g.add_argument("--split-reduction", type=int, default=None, help="cut after the feature_info tap of this stride")
+    g.add_argument("--split-module", default=None,
+                   help="cut after this feature_info tap, named by module (an unknown name is refused with the list of "
+                        "the taps the surgery can cut)")
     g.add_argument("--split-threshold", type=float, default=None,
                    help="auto-split: CKA a tap must reach (default: auto_split's, 0.8)")
     g.add_argument("--preset", choices=("paper",), default=None,
@@ -101,7 +104,7 @@ def _choose_split(args: argparse.Namespace, cfg: TrainConfig, loaded: Any, out: 
         from msun_builder.split import require_splittable
 
         require_splittable(loaded.model)  # a model no cut can serve (a ViT) is refused in one line naming why
-        return {"reduction": cfg.split_reduction, "auto": False}
+        return {"reduction": cfg.split_reduction, "module": cfg.split_module, "auto": False}
     from cka_scale.report import load_report
     from msun_builder.autosplit import auto_split
     from msun_builder.split import require_splittable, split_candidates
@@ -150,8 +153,10 @@ def _build(args: argparse.Namespace) -> int:
         raise ToolkitError(f"--method {cfg.method} only trains: add --data DATA --epochs E")
     if method.needs_model and not args.model:
         raise ToolkitError("give a timm model name, e.g. msun-build tf_efficientnet_lite0 --auto-split ...")
-    if method.needs_split and args.auto_split + (args.split_reduction is not None) + (cfg.preset is not None) != 1:
-        raise ToolkitError("give exactly one of --auto-split, --split-reduction R and --preset paper")
+    given = args.auto_split + (args.split_reduction is not None) + (args.split_module is not None)
+    if method.needs_split and given + (cfg.preset is not None) != 1:
+        raise ToolkitError("give exactly one of --auto-split, --split-reduction R, --split-module NAME and "
+                           "--preset paper")
     if cfg.preset is not None and not method.needs_split:
         raise ToolkitError(f"--preset paper builds an MSUN: drop it for --method {cfg.method}")
     out = Path(args.out or f"runs/{cfg.method}-{args.model or cfg.msdnet_preset}")
@@ -172,12 +177,14 @@ def _build(args: argparse.Namespace) -> int:
         base = load_model(cfg.model, cfg.weights, num_classes=num_classes)
         if cfg.preset is None:
             split = _choose_split(args, cfg, base, out)
-            cfg = dataclasses.replace(cfg, split_reduction=split["reduction"])
+            # the exact tap: a stride alone may name several cuttable taps
+            cfg = dataclasses.replace(cfg, split_reduction=split["reduction"], split_module=split["module"])
         else:
             split = {"reduction": None, "auto": False, "preset": cfg.preset}
     built = build_model(cfg, num_classes or 1000, base=base)
     if method.needs_split:
         split["module"] = built.facts["split"]["module"]
+        split["reduction"] = built.facts["split"]["reduction"]
         reason = split.get("reason") or (f"after {split['module']}, the MSUN authors' design for {cfg.model}"
                                          if cfg.preset else f"after {split['module']} (stride {split['reduction']}), "
                                          "as given")

@@ -40,6 +40,9 @@ class TrainConfig:
         seed: Seeds the data order, augmentation and initialisation.
         weights: ``auto``, ``none`` or a state-dict path (the starting weights).
         split_reduction: MSUN cut, a ``feature_info`` stride; see :func:`msun_builder.create_msun`.
+        split_module: MSUN cut after this cuttable tap (a module name; wins over ``split_reduction``, which then
+            only records its stride). ``--auto-split`` sets it to the tap it chose, so the build cuts exactly there
+            even when two cuttable taps share a stride.
         preset: ``paper``: build the MSUN authors' own design for the model (:mod:`msun_builder.presets`: their
             split point and replaced stems) instead of cutting at ``split_reduction``; None: the default surgery.
         stem_init: With ``preset="paper"``: ``crop`` (centre of the pretrained stem kernel) or ``random``.
@@ -79,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     weights: str = "auto"
     split_reduction: int | None = None
+    split_module: str | None = None
     preset: str | None = None
     stem_init: str = "crop"
     si_weight: float = 1.0

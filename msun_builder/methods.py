@@ -231,7 +231,7 @@ def _build_plain(cfg: TrainConfig, num_classes: int, base: Any, resumed: bool) -
 def _build_msun(cfg: TrainConfig, num_classes: int, base: Any, resumed: bool) -> Built:
     from msun_builder.msun import create_msun
 
-    if cfg.preset is None and cfg.split_reduction is None:
+    if cfg.preset is None and cfg.split_reduction is None and cfg.split_module is None:
         raise ToolkitError("--method msun needs --split-reduction R, --auto-split or --preset paper")
     loaded = _load_base(cfg, num_classes, base, resumed)
     vanilla_params = count_params(loaded.model)
@@ -241,7 +241,8 @@ def _build_msun(cfg: TrainConfig, num_classes: int, base: Any, resumed: bool) ->
         msun = paper_msun(loaded, cfg.scales, stem_init=cfg.stem_init)
         split = {**msun.config["split"], "reduction": None}
     else:
-        msun = create_msun(loaded, cfg.scales, split_reduction=cfg.split_reduction)
+        by = {"split_module": cfg.split_module} if cfg.split_module else {"split_reduction": cfg.split_reduction}
+        msun = create_msun(loaded, cfg.scales, **by)
         split = msun.config["split"]
     return Built(msun, loaded.data_config, {
         "architecture": cfg.model, "weights": loaded.weights, "params": count_params(msun),

@@ -63,20 +63,22 @@ def _verify(msun: MSUN, base: nn.Module, size: int, channels: int) -> None:
                            f"{err:.3g} (it must reproduce it): please report this model; verify=False skips the check")
 
 
-def _check_args(scales: Sequence[int], split_reduction: int | None, report: object,
+def _check_args(scales: Sequence[int], split_reduction: int | None, split_module: str | None, report: object,
                 routing: Sequence[Sequence[int]] | None) -> tuple[int, ...]:
     """Validate the arguments of :func:`create_msun` before any work; returns the distinct ascending scales."""
     distinct = check_scales(scales)
     if routing is not None:
         check_routing(routing, distinct)
-    if (split_reduction is None) == (report is None):
-        raise ToolkitError("give exactly one of split_reduction= (a feature_info reduction such as 4 or 8) or "
-                           "report= (an analysis report, or its folder, to choose the split from)")
+    if (split_reduction is not None) + (split_module is not None) + (report is not None) != 1:
+        raise ToolkitError("give exactly one of split_reduction= (a feature_info reduction such as 4 or 8), "
+                           "split_module= (a cuttable tap's module name) or report= (an analysis report, or its "
+                           "folder, to choose the split from)")
     return distinct
 
 
 def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (32, 128, 224), *,
-                split_reduction: int | None = None, report: Report | str | os.PathLike[str] | None = None,
+                split_reduction: int | None = None, split_module: str | None = None,
+                report: Report | str | os.PathLike[str] | None = None,
                 weights: str = "none", num_classes: int | None = None, routing: Sequence[tuple[int, int]] | None = None,
                 verify: bool = True) -> MSUN:
     """Build an MSUN from a timm CNN, shaped like ``timm.create_model``.
@@ -90,8 +92,10 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
         split_reduction: Cut after the ``feature_info`` tap with this total stride (the last such tap that can be
             cut; a tap nested inside a block is replaced by the nearest boundary at its stride, recorded as
             ``config["split"]["stands_for"]``).
+        split_module: Cut after this tap instead: a module name that
+            :func:`msun_builder.split.splittable_taps` lists (or the nested tap a boundary stands for).
         report: A :class:`cka_scale.Report`, or the path to a report folder or ``report.json``, from which
-            ``msun_builder.autosplit.auto_split`` chooses the split. Give exactly one of the two.
+            ``msun_builder.autosplit.auto_split`` chooses the split. Give exactly one of the three.
         weights: ``"none"``, ``"auto"`` or a state-dict path, as in :func:`cka_scale.load_model` (names only).
         num_classes: Classifier size for a model name (None keeps the model's); for a module it must match.
         routing: Custom ``(max_size_inclusive, scale)`` pairs (default: the smallest scale at least the input size).
@@ -111,7 +115,7 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
         >>> msun.unified_size, msun.route(20), msun.config["subnets"]["16"]["removed_steps"]
         (16, 32, 2)
     """
-    scales = _check_args(scales, split_reduction, report, routing)
+    scales = _check_args(scales, split_reduction, split_module, report, routing)
     if isinstance(model, str):
         model = load_model(model, weights=weights, num_classes=num_classes)
     elif isinstance(model, LoadedModel) and weights != "none":
@@ -136,6 +140,12 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
 
         module = auto_split(report, num_subnets=len(scales), cuttable=cuttable).module
         tap = next(t for t in cuttable if t.module == module)
+    elif split_module is not None:
+        tap = next((t for t in cuttable if split_module in (t.module, t.stands_for)), None)
+        if tap is None:
+            names = ", ".join(f"{t.module} (stride {t.reduction})" for t in cuttable)
+            raise ToolkitError(f"split_module={split_module!r} is not a tap the surgery can cut; choose one of: "
+                               f"{names}")
     else:
         at = [t for t in cuttable if t.reduction == split_reduction]  # the deepest cuttable one at that stride
         tap = at[-1] if at else choose_tap(base, split_reduction, None)  # uncuttable: assemble says why

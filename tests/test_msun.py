@@ -194,6 +194,30 @@ def test_split_choice_is_required_once() -> None:
         create_msun("test_resnet", SCALES, split_reduction=4, report={"scales": []})
 
 
+def test_split_module_cuts_after_exactly_that_tap() -> None:
+    msun = create_msun("test_resnet", SCALES, split_module="layer2")
+    assert msun.config["split"]["module"] == "layer2" and msun.config["split"]["reduction"] == 8
+    with pytest.raises(ToolkitError, match=r"'layer9' is not a tap the surgery can cut; choose one of: act1 \(stride 2"):
+        create_msun("test_resnet", SCALES, split_module="layer9")
+    with pytest.raises(ToolkitError, match="exactly one of split_reduction"):
+        create_msun("test_resnet", SCALES, split_reduction=8, split_module="layer2")
+
+
+def test_split_module_picks_between_taps_that_share_a_stride() -> None:
+    """--auto-split records the tap it chose: a stride alone names the deepest cuttable tap at that stride."""
+    from cka_scale.models import load_model
+    from msun_builder.config import TrainConfig
+    from msun_builder.train import build_model
+
+    loaded = load_model("test_resnet", "none", num_classes=10)
+    loaded.model.feature_info.insert(1, {"num_chs": 32, "reduction": 4, "module": "maxpool"})  # two taps at stride 4
+    assert create_msun(loaded, SCALES, split_reduction=4).config["split"]["module"] == "layer1"
+    assert create_msun(loaded, SCALES, split_module="maxpool").config["split"]["module"] == "maxpool"
+    cfg = TrainConfig(model="test_resnet", weights="none", scales=SCALES, split_reduction=4, split_module="maxpool",
+                      device="cpu")
+    assert build_model(cfg, 10, base=loaded).facts["split"] == {"module": "maxpool", "reduction": 4}
+
+
 def test_bad_split_reduction_lists_the_valid_taps() -> None:
     with pytest.raises(ToolkitError, match=r"reduction 5\. Taps that can be cut: act1 \(reduction 2\), layer1 "):
         create_msun("test_resnet", SCALES, split_reduction=5)
