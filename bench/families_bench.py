@@ -3,7 +3,8 @@
 Runs what ``tests/test_families.py`` runs (one small member per family from ``tests/families.py``, random weights,
 8 texture images at scales size/2 and size, figures on), each family in a fresh process so that its peak resident
 memory (``ru_maxrss``, which includes the ~0.4 GB of torch and timm themselves) is its own. Prints one Markdown table
-row per family as it finishes; ``--json PATH`` also writes the rows.
+row per family as it finishes and keeps the rows in ``bench/out/families-KIND.json`` (``--json``): families already
+there are skipped, so an interrupted run resumes where it stopped.
 
     OMP_NUM_THREADS=1 python bench/families_bench.py                 # every CNN family
     OMP_NUM_THREADS=1 python bench/families_bench.py hrnet selecsls  # some families
@@ -76,17 +77,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("families", nargs="*", help="family keys (timm module names); default: every one of --kind")
     parser.add_argument("--kind", default="cnn", choices=("cnn", "transformer"))
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="rows file, rewritten after every family; families already in it "
+                        "are skipped, so a killed run resumes (default: bench/out/families-KIND.json)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one family, print its JSON
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one)))
         return 0
     keys = args.families or [k for k, f in FAMILIES.items() if f.kind == args.kind]
+    out = Path(args.json or f"bench/out/families-{args.kind}.json")
+    rows = {r["family"]: r for r in json.loads(out.read_text())} if out.is_file() else {}
+    rows = {k: r for k, r in rows.items() if not str(r.get("split", "")).startswith("crashed")}  # crashes rerun
+    skipped = [k for k in keys if k in rows]
+    if skipped:
+        print(f"{len(skipped)} families already in {out}, skipped (delete it to rerun them)", flush=True)
     print(HEADER, flush=True)
-    rows = []
     started = time.perf_counter()
     for key in keys:
+        if key in rows:
+            print(markdown(rows[key]), flush=True)
+            continue
         done = subprocess.run([sys.executable, __file__, "--one", key], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
         lines = done.stdout.strip().splitlines()
@@ -95,11 +105,13 @@ def main() -> int:
         except (IndexError, json.JSONDecodeError):
             row = {"family": key, "model": FAMILIES[key].model, "size": FAMILIES[key].size, "peak_rss_mb": "-",
                    "split": f"crashed: {(done.stderr.strip().splitlines() or ['?'])[-1][:120]}"}
-        rows.append(row)
+        rows[key] = row
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(list(rows.values()), indent=1))
+        tmp.replace(out)  # atomic: a killed run keeps every finished row
         print(markdown(row), flush=True)
-    print(f"\n{len(rows)} families in {time.perf_counter() - started:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"\n{len(keys)} families ({len(keys) - len(skipped)} run now, in {time.perf_counter() - started:.0f} s)")
     return 0
 
 
