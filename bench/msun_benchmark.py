@@ -21,7 +21,7 @@ are evaluated beside the MSUN runs in the paper protocol (``eval-msdnet``: its a
 Finished runs are skipped, killed runs resumed, evaluations newer than every run they read skipped: rerun the same
 command after an interruption. ``--phase train`` trains only (the evaluation can follow later).
 
-    .venv/bin/python bench/msun_benchmark.py                    # both regimes, about 3 hours on 2 CPU cores
+    .venv/bin/python bench/msun_benchmark.py                    # both regimes, about 3.7 hours on 2 CPU cores
     .venv/bin/python bench/msun_benchmark.py --regimes scratch  # one regime
     .venv/bin/python bench/msun_benchmark.py --quick            # minutes: tiny budgets, one seed, checks the pipeline
 """

@@ -117,9 +117,38 @@ def _views(entry: Any, model: nn.Module, native: bool, reference: int) -> dict[s
     return out
 
 
+def _load_cache(path: Path) -> dict[str, Any] | None:
+    """A previous evaluation's ``correct.npz`` in the output folder (None when absent or unreadable)."""
+    try:
+        with np.load(path) as saved:
+            return {"rows": list(map(str, saved["rows"])), "correct": saved["correct"], "sizes": list(saved["sizes"]),
+                    "images": list(saved["images"]), "mtime": path.stat().st_mtime}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _cached(cache: dict[str, Any] | None, run_dir: Path, name: str, labels: Sequence[str], sizes: Sequence[int],
+            indices: Sequence[int]) -> dict[str, np.ndarray] | None:
+    """This run's per-image correctness from a previous evaluation, or None to score it.
+
+    Used when ``cache`` holds every label at the same sizes and test images and is newer than the run's record (a
+    retrained run is scored again).
+    """
+    if cache is None or cache["sizes"] != list(sizes) or cache["images"] != list(indices):
+        return None
+    if (run_dir / "run.json").stat().st_mtime >= cache["mtime"]:
+        return None
+    where = {row: i for i, row in enumerate(cache["rows"])}
+    keys = [f"{name}|{label}" for label in labels]
+    if not all(k in where for k in keys):
+        return None
+    return {label: cache["correct"][where[k]] for label, k in zip(labels, keys, strict=True)}
+
+
 @torch.no_grad()
 def _evaluate_run(run_dir: Path, name: str, data: str, sizes: Sequence[int], native: bool, batch_size: int,
-                  device: torch.device, images: int | None, progress: bool) -> _RunScores:
+                  device: torch.device, images: int | None, progress: bool,
+                  cache: dict[str, Any] | None = None) -> _RunScores:
     record = RunRecord.load(run_dir)
     entry = get_method(record.method)
     reference = record.reference
@@ -130,17 +159,20 @@ def _evaluate_run(run_dir: Path, name: str, data: str, sizes: Sequence[int], nat
                            f"{len(test.classes)}: evaluate on the data it was trained on")
     indices = test_subset(test.labels, images)
     views = _views(entry, model, native, reference)
-    hits: dict[str, list[list[torch.Tensor]]] = {label: [[] for _ in sizes] for label in views}
-    loader = DataLoader(Subset(test, indices), batch_size=batch_size)
-    for x, y in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, leave=False):
-        x, y = x.to(device), y.to(device)
-        for i, s in enumerate(sizes):
-            xs = resize(x, s) if native else (x if s == reference else down_up(x, s))
-            for label, view in views.items():
-                hits[label][i].append((view(xs, s).argmax(-1) == y).cpu())
     scores = _RunScores(name, record, indices)
+    known = _cached(cache, run_dir, name, list(views), sizes, indices)
+    if known is None:
+        hits: dict[str, list[list[torch.Tensor]]] = {label: [[] for _ in sizes] for label in views}
+        loader = DataLoader(Subset(test, indices), batch_size=batch_size)
+        for x, y in tqdm(loader, desc=f"eval {name}", unit="batch", disable=not progress, leave=False):
+            x, y = x.to(device), y.to(device)
+            for i, s in enumerate(sizes):
+                xs = resize(x, s) if native else (x if s == reference else down_up(x, s))
+                for label, view in views.items():
+                    hits[label][i].append((view(xs, s).argmax(-1) == y).cpu())
+        known = {label: np.stack([torch.cat(h).numpy() for h in hits[label]]) for label in views}
     for label, view in views.items():
-        scores.correct[label] = np.stack([torch.cat(h).numpy() for h in hits[label]])
+        scores.correct[label] = known[label]
         scores.flops[label] = []
         for s in sizes:
             probe = torch.zeros(1, 3, s if native else reference, s if native else reference, device=device)
@@ -207,10 +239,18 @@ _NOT_SETTINGS = ("seed", "device", "num_workers", "amp")
 
 
 def _setting_key(record: RunRecord) -> str:
-    """Everything a run was asked to do except its seed (and where it ran): equal keys form one seed group."""
-    config = {k: v for k, v in record.config.to_json().items() if k not in _NOT_SETTINGS}
+    """Everything a run was asked to do except its seed (and where it ran): equal keys form one seed group.
+
+    The MSUN split counts as the cut that was built (module and stride), not as the flags that asked for it: an
+    ``--auto-split`` run records ``split_module`` since that flag existed, an older one only the stride.
+    """
+    config = {k: v for k, v in record.config.to_json().items()
+              if k not in _NOT_SETTINGS and k not in ("split_reduction", "split_module")}
+    split = record.split or {}
     facts = {"method": record.method, "data": record.data, "architecture": record.architecture,
-             "weights": record.weights, "train_images": record.train_images, "holdout": record.holdout_images}
+             "weights": record.weights, "train_images": record.train_images, "holdout": record.holdout_images,
+             "split": [split.get("module"), split.get("reduction")] if split else
+             [record.config.split_module, record.config.split_reduction]}
     return json.dumps({"config": config, **facts}, sort_keys=True, default=str)
 
 
@@ -469,10 +509,11 @@ def evaluate_runs(run_dirs: Sequence[str | Path], *, data: str, sizes: Sequence[
     names = [n if names.count(n) == 1 else f"{Path(r).parent.name}/{n}" for n, r in zip(names, run_dirs, strict=True)]
     if len(set(names)) != len(names):
         raise ToolkitError(f"runs {sorted(n for n in names if names.count(n) > 1)} were given twice: pass each once")
-    scores = [_evaluate_run(Path(r), n, data, sizes, native, batch_size, dev, images, progress)
+    folder = Path(out)
+    cache = _load_cache(folder / "correct.npz")  # runs scored there before, and not retrained since, are reused
+    scores = [_evaluate_run(Path(r), n, data, sizes, native, batch_size, dev, images, progress, cache)
               for r, n in zip(run_dirs, names, strict=True)]
     rows, averages, differences, info = _summarise(scores, sizes, lossy_below, resamples)
-    folder = Path(out)
     count = len(scores[0].images)
     _save_correct(folder / "correct.npz", scores, sizes)
     _write_csv(folder / "eval.csv", rows, ["group", "label", "method", "runs", "seeds", "size", "images", "accuracy",

@@ -122,6 +122,18 @@ def test_group_runs_by_everything_but_the_seed(runs):
         group_runs(["a", "b"], [base, base])
 
 
+def test_msun_runs_group_by_the_cut_they_built(runs):
+    """An --auto-split run records split_module; one from before that field, only the stride: same cut, one group."""
+    new = RunRecord.load(runs / "msun")
+    cut = new.split["module"]
+    old = dataclasses.replace(new, config=dataclasses.replace(new.config, split_module=None, seed=1))
+    new = dataclasses.replace(new, config=dataclasses.replace(new.config, split_module=cut))
+    assert group_runs(["m-s0", "m-s1"], [new, old]) == {"m": [0, 1]}
+    elsewhere = dataclasses.replace(old, split={**old.split, "module": "elsewhere"}, config=dataclasses.replace(
+        old.config, seed=2))
+    assert group_runs(["m-s0", "m-s2"], [new, elsewhere]) == {"m-s0": [0], "m-s2": [1]}
+
+
 def test_markdown_table_average_is_unweighted():
     rows = [{"label": "x", "size": s, "accuracy": acc} for s, acc in ((16, 0.5), (32, 1.0))]
     assert markdown_table(rows, key="accuracy").splitlines()[-1] == "| x | 50.0 | 100.0 | 75.0 |"
@@ -145,3 +157,20 @@ def test_cli_errors(runs, tmp_path, capsys):
     assert eval_main([str(runs / "vanilla-s0"), str(runs / "vanilla-s0"), "--data", "fashion-mnist-subset",
                       "--out", str(tmp_path)]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_a_second_evaluation_reuses_the_saved_correctness_until_a_run_is_retrained(runs, tmp_path):
+    """Regrouping or re-tabling needs no rescoring: correct.npz in --out is reused for runs older than it."""
+    import os
+
+    import numpy as np
+
+    kwargs = dict(data="fashion-mnist-subset", sizes=[16, 32], out=tmp_path, images=32, resamples=100, progress=False)
+    first = evaluate_runs([runs / "vanilla-s0"], **kwargs)
+    saved = dict(np.load(tmp_path / "correct.npz"))
+    saved["correct"] = np.ones_like(saved["correct"])  # a marker: every image right
+    np.savez_compressed(tmp_path / "correct.npz", **saved)
+    again = evaluate_runs([runs / "vanilla-s0"], **kwargs)
+    assert all(r["accuracy"] == 1.0 for r in again) and any(r["accuracy"] < 1.0 for r in first)
+    os.utime(runs / "vanilla-s0" / "run.json")  # "retrained": newer than the saved correctness, so scored again
+    assert [r["accuracy"] for r in evaluate_runs([runs / "vanilla-s0"], **kwargs)] == [r["accuracy"] for r in first]
