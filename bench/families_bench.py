@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from families import FAMILIES, analyse_family, build_family_msun  # noqa: E402
 
+from scale_common.files import atomic_write_text  # noqa: E402
+
 HEADER = ("| family | model | size | stages | blocks | all | analysis s (stages/blocks/all) | peak RSS MB | MSUN split "
           "| exact (max err) | reload |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -107,9 +109,7 @@ def main() -> int:
                    "split": f"crashed: {(done.stderr.strip().splitlines() or ['?'])[-1][:120]}"}
         rows[key] = row
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(list(rows.values()), indent=1))
-        tmp.replace(out)  # atomic: a killed run keeps every finished row
+        atomic_write_text(out, json.dumps(list(rows.values()), indent=1))  # a killed run keeps every finished row
         print(markdown(row), flush=True)
     print(f"\n{len(keys)} families ({len(keys) - len(skipped)} run now, in {time.perf_counter() - started:.0f} s)")
     return 0

@@ -2,7 +2,7 @@
 
 For each regime of ``bench/msun_benchmark.py`` (same data, scales 8/16/32, budget, optimizer and seeds 0/1/2):
 
-- **sweep**: ``msun-build MODEL --split-reduction R`` at every tap ``split_model`` can cut with stride 2..16 (at the
+- **sweep**: ``msun-build MODEL --split-module TAP`` at every tap ``split_model`` can cut with stride 2..16 (at the
   tap ``--auto-split`` chose, the benchmark's finished MSUN run of that seed is reused: the same configuration);
 - **evidence**: the CKA report ``--auto-split`` measured on the training images (stored in each benchmark MSUN run's
   ``run.json``: every candidate tap's CKA with its 95% interval, duplicated parameters, score, and the pick);
@@ -225,22 +225,20 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
             rho, low, high = _spearman_ci(np.array(values)[finite], [tables[taps[i][1]] for i in finite])
             lines.append(f"- Spearman's rho, {what} vs test lossy accuracy ({len(finite)} taps): {rho:+.2f} "
                          f"[{low:+.2f}, {high:+.2f}] (bootstrap over test images; describes these taps only).")
-    _figure(root / regime, taps, evidence, trained, measured, [runs[s][0] for _, s in taps], regime)
+    _figure(root / regime, taps, before, after, measured, [runs[s][0] for _, s in taps], regime)
     return "\n".join(lines) + "\n"
 
 
-def _figure(folder: Path, taps: list, evidence: dict, trained: dict, measured: list, first_runs: list[Path],
-            regime: str) -> None:
+def _figure(folder: Path, taps: list, before: list[float], after: list[float], measured: list,
+            first_runs: list[Path], regime: str) -> None:
     """CKA above, lossy-size accuracy and GFLOPs below, on one split-depth axis."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 6), layout="constrained")
     top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
     x = np.arange(len(taps))
-    cka = [np.mean([c["cka"] for c in evidence.get(s, [])]) if evidence.get(s) else np.nan for _, s in taps]
-    top.plot(x, cka, "o-", color="C0", label="as --auto-split measures it (before training)")
-    post = [np.mean([c for c, _ in trained[s]]) if trained.get(s) else np.nan for _, s in taps]
-    top.plot(x, post, "^-", color="C3", label="after training (the vanilla model)")
+    top.plot(x, before, "o-", color="C0", label="as --auto-split measures it (before training)")
+    top.plot(x, after, "^-", color="C3", label="after training (the vanilla model)")
     top.legend(fontsize=8)
     top.set(ylabel="CKA, smallest vs reference", title=f"{regime}: the split study")
     acc = np.array([[100 * m[2].estimate, 100 * m[2].low, 100 * m[2].high] for m in measured])

@@ -89,6 +89,7 @@ class _RunScores:
     name: str
     record: RunRecord
     images: list[int]
+    path: str = ""  # the resolved run folder: a saved evaluation is reused only for the same folder
     correct: dict[str, np.ndarray] = field(default_factory=dict)  # label -> (sizes, images) bool
     flops: dict[str, list[int]] = field(default_factory=dict)  # label -> per size
     branch: dict[str, list[int]] = field(default_factory=dict)  # derived MSUN label -> branch per size
@@ -122,7 +123,9 @@ def _load_cache(path: Path) -> dict[str, Any] | None:
     try:
         with np.load(path) as saved:
             return {"rows": list(map(str, saved["rows"])), "correct": saved["correct"], "sizes": list(saved["sizes"]),
-                    "images": list(saved["images"]), "mtime": path.stat().st_mtime}
+                    "images": list(saved["images"]), "mtime": path.stat().st_mtime,
+                    "paths": dict(zip(map(str, saved["names"]), map(str, saved["paths"]), strict=True))
+                    if "paths" in saved else {}}
     except (OSError, ValueError, KeyError):
         return None
 
@@ -131,10 +134,12 @@ def _cached(cache: dict[str, Any] | None, run_dir: Path, name: str, labels: Sequ
             indices: Sequence[int]) -> dict[str, np.ndarray] | None:
     """This run's per-image correctness from a previous evaluation, or None to score it.
 
-    Used when ``cache`` holds every label at the same sizes and test images and is newer than the run's record (a
-    retrained run is scored again).
+    Used when ``cache`` holds every label of the same run folder at the same sizes and test images and is newer than
+    the run's record (a retrained run, or another folder of the same name, is scored again).
     """
     if cache is None or cache["sizes"] != list(sizes) or cache["images"] != list(indices):
+        return None
+    if cache["paths"].get(name) != str(run_dir.resolve()):
         return None
     if (run_dir / "run.json").stat().st_mtime >= cache["mtime"]:
         return None
@@ -159,7 +164,7 @@ def _evaluate_run(run_dir: Path, name: str, data: str, sizes: Sequence[int], nat
                            f"{len(test.classes)}: evaluate on the data it was trained on")
     indices = test_subset(test.labels, images)
     views = _views(entry, model, native, reference)
-    scores = _RunScores(name, record, indices)
+    scores = _RunScores(name, record, indices, str(run_dir.resolve()))
     known = _cached(cache, run_dir, name, list(views), sizes, indices)
     if known is None:
         hits: dict[str, list[list[torch.Tensor]]] = {label: [[] for _ in sizes] for label in views}
@@ -469,7 +474,8 @@ def _save_correct(path: Path, scores: Sequence[_RunScores], sizes: Sequence[int]
     correct = np.stack([s.correct[label] for s in scores for label in s.correct])
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, correct=correct, rows=np.array(names), sizes=np.array(sizes),
-                            images=np.array(scores[0].images))
+                            images=np.array(scores[0].images), names=np.array([s.name for s in scores]),
+                            paths=np.array([s.path for s in scores]))
 
 
 def evaluate_runs(run_dirs: Sequence[str | Path], *, data: str, sizes: Sequence[int] | str = EvalConfig.sizes,

@@ -172,5 +172,10 @@ def test_a_second_evaluation_reuses_the_saved_correctness_until_a_run_is_retrain
     np.savez_compressed(tmp_path / "correct.npz", **saved)
     again = evaluate_runs([runs / "vanilla-s0"], **kwargs)
     assert all(r["accuracy"] == 1.0 for r in again) and any(r["accuracy"] < 1.0 for r in first)
+    import shutil
+
+    namesake = shutil.copytree(runs / "vanilla-s0", tmp_path / "elsewhere" / "vanilla-s0")  # same name, old mtimes
+    assert [r["accuracy"] for r in evaluate_runs([namesake], **kwargs)] == [r["accuracy"] for r in first]
+    np.savez_compressed(tmp_path / "correct.npz", **saved)  # the marker again, for the original folder
     os.utime(runs / "vanilla-s0" / "run.json")  # "retrained": newer than the saved correctness, so scored again
     assert [r["accuracy"] for r in evaluate_runs([runs / "vanilla-s0"], **kwargs)] == [r["accuracy"] for r in first]
