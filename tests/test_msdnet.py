@@ -1,7 +1,6 @@
 """MSDNet: exits per preset, FLOPs per exit against the authors' counts, truncated forward, loss, and training."""
 
 import itertools
-import time
 
 import pytest
 import torch
@@ -59,9 +58,7 @@ def test_flops_rise_strictly_with_the_exit(preset: str) -> None:
 @pytest.mark.parametrize("preset", sorted(SPEC_MMACS))
 def test_flops_match_the_authors_counts(preset: str) -> None:
     size, classes, mmacs = SPEC_MMACS[preset]
-    start = time.perf_counter()
     flops = exit_flops(create_msdnet(preset, num_classes=classes), size)
-    assert time.perf_counter() - start < 10  # keeps the 224 px ImageNet model in the fast suite
     ours = [f / 2e6 for f in flops]
     assert ours == pytest.approx(mmacs, rel=0.05, abs=0.5)
 
