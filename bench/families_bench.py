@@ -8,7 +8,7 @@ there are skipped, so an interrupted run resumes where it stopped.
 
     OMP_NUM_THREADS=1 python bench/families_bench.py                 # every CNN family
     OMP_NUM_THREADS=1 python bench/families_bench.py hrnet selecsls  # some families
-    OMP_NUM_THREADS=1 python bench/families_bench.py --kind transformer
+    OMP_NUM_THREADS=1 python bench/families_bench.py --kind transformer   # layers in both --resize modes
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from families import FAMILIES, analyse_family, build_family_msun  # noqa: E402
 
+from scale_common.errors import ToolkitError  # noqa: E402
 from scale_common.files import atomic_write_text  # noqa: E402
 
+HEADER_TRANSFORMER = ("| family | model | size | layers, down-up | layers, native | analysis s (down-up/native) "
+                      "| peak RSS MB |\n|---|---|---|---|---|---|---|")
 HEADER = ("| family | model | size | stages | blocks | all | analysis s (stages/blocks/all) | peak RSS MB | MSUN split "
           "| exact (max err) | reload |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -41,14 +44,18 @@ def one(key: str) -> dict[str, object]:
     family = FAMILIES[key]
     row: dict[str, object] = {"family": key, "model": family.model, "size": family.size}
     with tempfile.TemporaryDirectory() as tmp:
-        modes = ("stages", "blocks", "all") if family.kind == "cnn" else ("stages",)
-        for mode in modes:
+        # CNNs: the three --layers modes; transformers: the default layers in both --resize modes
+        runs = ([(m, m, "down-up") for m in ("stages", "blocks", "all")] if family.kind == "cnn"
+                else [("stages", "stages", "down-up"), ("native", "stages", "native")])
+        for column, mode, resize in runs:
             try:
-                result = analyse_family(family, Path(tmp) / mode, mode)
-                row[mode] = result["layers"]
-                row[f"{mode}_s"] = round(result["seconds"], 2)
+                result = analyse_family(family, Path(tmp) / column, mode, resize=resize)
+                row[column] = result["layers"]
+                row[f"{column}_s"] = round(result["seconds"], 2)
+            except ToolkitError as err:  # a clear refusal (a fixed-size model asked for native sizes) is a result
+                row[column] = f"refused: {str(err).split(' (')[0][:80]}"
             except Exception as err:  # a row says what failed instead of stopping the table
-                row[mode] = f"error: {type(err).__name__}: {str(err)[:120]}"
+                row[column] = f"error: {type(err).__name__}: {str(err)[:120]}"
         if family.kind == "cnn" and family.cut:
             try:
                 built = build_family_msun(family, Path(tmp) / "msun")
@@ -65,7 +72,11 @@ def one(key: str) -> dict[str, object]:
 
 
 def markdown(row: dict[str, object]) -> str:
-    """One Markdown table row."""
+    """One Markdown table row (transformers: layers and seconds in the two resize modes)."""
+    if FAMILIES[str(row["family"])].kind == "transformer":
+        return (f"| {row['family']} | {row['model']} | {row['size']} | {row.get('stages', '-')} | "
+                f"{row.get('native', '-')} | {row.get('stages_s', '-')}/{row.get('native_s', '-')} | "
+                f"{row['peak_rss_mb']} |")
     times = "/".join(str(row.get(f"{m}_s", "-")) for m in ("stages", "blocks", "all"))
     exact = "-" if "exact" not in row else f"{'yes' if row['exact'] else 'NO'} ({row['max_error']:.1g})"
     reload = "-" if "reload_exact" not in row else ("yes" if row["reload_exact"] else "NO")
@@ -89,11 +100,12 @@ def main() -> int:
     keys = args.families or [k for k, f in FAMILIES.items() if f.kind == args.kind]
     out = Path(args.json or f"bench/out/families-{args.kind}.json")
     rows = {r["family"]: r for r in json.loads(out.read_text())} if out.is_file() else {}
-    rows = {k: r for k, r in rows.items() if not str(r.get("split", "")).startswith("crashed")}  # crashes rerun
+    rows = {k: r for k, r in rows.items() if not str(r.get("split", "")).startswith("crashed")  # crashes rerun
+            and (FAMILIES[k].kind == "cnn" or "native" in r)}  # rows from before the native column rerun
     skipped = [k for k in keys if k in rows]
     if skipped:
         print(f"{len(skipped)} families already in {out}, skipped (delete it to rerun them)", flush=True)
-    print(HEADER, flush=True)
+    print(HEADER if args.kind == "cnn" else HEADER_TRANSFORMER, flush=True)
     started = time.perf_counter()
     for key in keys:
         if key in rows:
