@@ -84,10 +84,16 @@ def _run(cmd: list[str]) -> float:
 
 
 def _train(out: Path, model: str, weights: str, flags: list[str], extra: list[str], seed: int) -> None:
-    """Train one run unless it finished earlier (resume it when a checkpoint is there)."""
+    """Train one run unless it finished earlier (resume it when a checkpoint is there).
+
+    An MSUN run is finished once its record holds the validation routing: a run killed after saving its model but
+    before fitting the routing is resumed, which fits it.
+    """
     if (out / "model").is_dir() and any((out / "model").iterdir()):
-        print(f"{out}: finished earlier, skipped", flush=True)
-        return
+        record = json.loads((out / "run.json").read_text())
+        if record.get("method") != "msun" or record.get("validation") is not None:
+            print(f"{out}: finished earlier, skipped", flush=True)
+            return
     if (out / "checkpoint.pt").is_file():
         _run([str(BIN / "msun-build"), "--resume", str(out), "--quiet"])
         return

@@ -104,7 +104,11 @@ def _validation_lossy(run: Path) -> float:
 
 def _evaluate(runs: list[Path], out: Path, images: int | None) -> dict:
     done = out / "eval.json"
-    if not (done.is_file() and done.stat().st_mtime > max((r / "run.json").stat().st_mtime for r in runs)):
+    fresh = done.is_file() and done.stat().st_mtime > max((r / "run.json").stat().st_mtime for r in runs)
+    if fresh:  # an evaluation of another set of runs (another --variants) is redone; saved scores are reused
+        evaluated = {name for group in json.loads(done.read_text())["groups"].values() for name in group}
+        fresh = {r.name for r in runs} <= evaluated
+    if not fresh:
         _run([str(BIN / "msun-eval"), *map(str, runs), "--data", DATA, "--sizes", SIZES, "--out", str(out), "--quiet",
               *(["--images", str(images)] if images else [])])
     return json.loads(done.read_text())
@@ -258,8 +262,11 @@ def _figure(folder: Path, taps: list, before: list[float], after: list[float], m
 
 
 def _ablation(regime: str, root: Path, bench: Path, seeds: list[int], images: int | None, quick: bool,
-              train_only: bool = False) -> str:
-    """Variants of the shipped configuration at the split --auto-split chose; evaluated with the benchmark MSUN."""
+              train_only: bool = False, variants: list[str] | None = None) -> str:
+    """Variants of the shipped configuration at the split --auto-split chose; evaluated with the benchmark MSUN.
+
+    ``variants`` restricts the run to some keys of ``ABLATIONS`` (all when None).
+    """
     from msun_builder.stats import accuracy_ci, difference_ci
 
     model, weights, flags = REGIMES[regime]
@@ -269,7 +276,7 @@ def _ablation(regime: str, root: Path, bench: Path, seeds: list[int], images: in
     if missing:
         sys.exit(f"the ablation reuses the benchmark's MSUN runs; train them first: {missing}")
     runs = {"shipped": base}
-    for name, extra in ABLATIONS.items():
+    for name, extra in ((n, ABLATIONS[n]) for n in variants or ABLATIONS):
         for seed in seeds:
             module = _record(bench / regime / f"msun-s{seed}")["split"]["module"]  # exactly the shipped cut
             out = root / regime / "ablation" / f"{name}-s{seed}"
@@ -313,6 +320,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budgets, 500 test images (pipeline check)")
     parser.add_argument("--train-only", action="store_true",
                         help="train the runs and stop (one process per seed can train in parallel; evaluate after)")
+    parser.add_argument("--variants", default=None,
+                        help="--part ablation: comma list of variants to train and tabulate (default: all of "
+                        + ", ".join(ABLATIONS) + ")")
     parser.add_argument("--out", default="bench/out/split-study")
     parser.add_argument("--benchmark", default="bench/out/msun-benchmark", help="bench/msun_benchmark.py's --out")
     args = parser.parse_args()
@@ -320,11 +330,17 @@ def main() -> None:
     root, bench = Path(args.out + suffix), Path(args.benchmark + suffix)
     seeds = [int(s) for s in args.seeds.split(",")]
     images = 500 if args.quick else None
+    variants = args.variants.split(",") if args.variants else None
+    unknown = sorted(set(variants or []) - set(ABLATIONS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {', '.join(ABLATIONS)}")
     for regime in args.regimes.split(","):
         if regime not in REGIMES:
             parser.error(f"unknown regime {regime!r}: choose from {', '.join(REGIMES)}")
-        part = _study if args.part == "sweep" else _ablation
-        text = part(regime, root, bench, seeds, images, args.quick, args.train_only)
+        if args.part == "sweep":
+            text = _study(regime, root, bench, seeds, images, args.quick, args.train_only)
+        else:
+            text = _ablation(regime, root, bench, seeds, images, args.quick, args.train_only, variants)
         if args.train_only:
             continue
         (root / regime).mkdir(parents=True, exist_ok=True)
