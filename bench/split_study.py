@@ -94,6 +94,32 @@ def _trained_cka(regime: str, model: str, taps: list[tuple[str, int]], bench: Pa
     return found
 
 
+def _cka_cell(values: list[tuple[float, list[float] | None]]) -> str:
+    """``mean (seed values; +-widest interval half-width)`` of per-seed CKA values with their 95% intervals."""
+    if not values:
+        return "n/a"
+    halves = [(ci[1] - ci[0]) / 2 for _, ci in values if ci]
+    seeds = ", ".join(f"{v:.3f}" for v, _ in values)
+    return f"{np.mean([v for v, _ in values]):.3f} ({seeds}; ±{max(halves):.3f})" if halves else f"{seeds}"
+
+
+def _seeds_cell(values: list[float]) -> str:
+    """``mean (each seed's)`` of per-seed accuracies, in percent."""
+    return f"{100 * np.mean(values):.1f} ({', '.join(f'{100 * v:.1f}' for v in values)})"
+
+
+def _auto_split_now(model: str, bench: Path, seeds: list[int]) -> list[int]:
+    """The stride today's ``auto_split`` picks from each seed's benchmark analysis (the report --auto-split wrote)."""
+    import timm
+
+    from msun_builder import auto_split
+    from msun_builder.split import splittable_taps
+
+    cuttable = splittable_taps(timm.create_model(model, pretrained=False, num_classes=10), nearest=True)
+    reports = [bench / f"msun-s{seed}" / "analysis" for seed in seeds]
+    return [auto_split(r, cuttable=cuttable).reduction for r in reports if (r / "report.json").is_file()]
+
+
 def _validation_lossy(run: Path) -> float:
     """Rule-routed validation accuracy averaged over the lossy sizes (the decision-time measure)."""
     from msun_builder._routing import route
@@ -174,14 +200,16 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
              f"Test: {evaluation['images']} images, rule routing, accuracy averaged over the lossy sizes "
              f"{'/'.join(map(str, LOSSY))} px [95% interval]. Validation: the same on each run's held-out training "
              "images, seeds averaged. CKA: smallest scale vs reference at the tap, from `--auto-split`'s analysis of "
-             "training images (mean over seeds [interval of seed 0]); score = CKA - 0.5 x duplicated fraction. "
-             "CKA trained: the same taps of the benchmark's vanilla model after training at the reference (1024 "
-             "training images per seed; mean over seeds [interval of seed 0]).", "",
+             "training images: mean over seeds (each seed's value; the widest per-seed 95% interval half-width); "
+             "score = CKA - 0.5 x duplicated fraction, mean over seeds. CKA trained: the same taps of the "
+             "benchmark's vanilla model after training at the reference (1024 training images per seed, same "
+             "format).", "",
              "| tap (stride) | CKA | score | CKA trained | validation, lossy | test, lossy | test, all sizes "
              "| params (M) | GFLOPs per branch 8/16/32 |", "|---|---|---|---|---|---|---|---|---|"]
     scores, measured, after = [], [], []
     for module, stride in taps:
-        val = np.mean([_validation_lossy(r) for r in runs[stride]])
+        per_seed = [_validation_lossy(r) for r in runs[stride]]
+        val = float(np.mean(per_seed))
         test = accuracy_ci(tables[stride])
         group = next(g for g, members in evaluation["groups"].items() if members == names[stride])
         avg = next(a for a in evaluation["averages"]
@@ -190,26 +218,27 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
         gflops = "/".join(f"{b['flops'] / 1e9:.3f}" for b in build.get("branches", []))
         params = (build.get("params_msun") or 0) / 1e6
         cands = evidence.get(stride, [])
-        cka = f"{np.mean([c['cka'] for c in cands]):.3f}" if cands else "n/a"
-        if cands and cands[0].get("ci95"):
-            cka += f" [{cands[0]['ci95'][0]:.3f}, {cands[0]['ci95'][1]:.3f}]"
+        cka = _cka_cell([(c["cka"], c.get("ci95")) for c in cands])
         score = float(np.mean([c["score"] for c in cands])) if cands else float("nan")
         scores.append(score)
         measured.append((stride, val, test))
         post = trained.get(stride, [])
         after.append(float(np.mean([c for c, _ in post])) if post else float("nan"))
-        cka_after = f"{after[-1]:.3f} [{post[0][1][0]:.3f}, {post[0][1][1]:.3f}]" if post else "n/a"
-        lines.append(f"| {module} ({stride}) | {cka} | {score:.3f} | {cka_after} | {100 * val:.1f} | "
-                     f"{100 * test.estimate:.1f} "
-                     f"[{100 * test.low:.1f}, {100 * test.high:.1f}] | {100 * avg['accuracy']:.1f} | {params:.2f} | "
-                     f"{gflops} |")
+        low, high = avg["ci95"]
+        lines.append(f"| {module} ({stride}) | {cka} | {score:.3f} | {_cka_cell(post)} | {_seeds_cell(per_seed)} | "
+                     f"{100 * test.estimate:.1f} [{100 * test.low:.1f}, {100 * test.high:.1f}] | "
+                     f"{100 * avg['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {params:.2f} | {gflops} |")
     best_val = max(measured, key=lambda m: m[1])[0]
     best_test = max(measured, key=lambda m: m[2].estimate)[0]
     smallest, reference = min(int(s) for s in SCALES.split(",")), max(int(s) for s in SCALES.split(","))
     reach = min((s for _, s in taps if reference / smallest < 2 * s), default=None)
-    rules = {"auto_split (mode over seeds)": max(set(picks), key=picks.count) if picks else None,
+    now = _auto_split_now(model, bench / regime, seeds)
+    rules = {"auto_split when the benchmark ran (reach rule on; mode over seeds)":
+             max(set(picks), key=picks.count) if picks else None,
+             "auto_split now (reach rule off; same reports; mode over seeds)": max(set(now), key=now.count) if now
+             else None,
              "always stride 4": 4 if 4 in runs else None, "shallowest tap the smallest scale reaches": reach,
-             "best on validation": best_val}
+             "shallowest cuttable tap (the cheapest)": min(runs), "best on validation": best_val}
     lines += ["", f"| rule | tap (stride) | test, lossy | minus the best test tap (stride {best_test}) |",
               "|---|---|---|---|"]
     for rule, stride in rules.items():
@@ -247,7 +276,8 @@ def _figure(folder: Path, taps: list, before: list[float], after: list[float], m
     top.set(ylabel="CKA, smallest vs reference", title=f"{regime}: the split study")
     acc = np.array([[100 * m[2].estimate, 100 * m[2].low, 100 * m[2].high] for m in measured])
     bottom.errorbar(x, acc[:, 0], yerr=[acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]], fmt="o-", color="C1",
-                    label="test accuracy, lossy sizes")
+                    label="test accuracy, lossy sizes (95% interval)")
+    bottom.plot(x, [100 * m[1] for m in measured], "D:", color="C4", mfc="none", label="validation, lossy sizes")
     twin = bottom.twinx()
     gflops = [(_record(r)["build"] or {}).get("branches", [{}])[0].get("flops", np.nan) / 1e9 for r in first_runs]
     twin.plot(x, gflops, "s--", color="C2", label="GFLOPs, smallest branch")
@@ -256,7 +286,7 @@ def _figure(folder: Path, taps: list, before: list[float], after: list[float], m
     top.set_xticks(x, [""] * len(x))
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    bottom.legend(loc="lower left", fontsize=8)
+    bottom.legend(loc="upper center", fontsize=8)
     twin.legend(loc="lower right", fontsize=8)
     fig.savefig(folder / "split_study.png", dpi=120)
 
@@ -293,12 +323,12 @@ def _ablation(regime: str, root: Path, bench: Path, seeds: list[int], images: in
              f"Test: {evaluation['images']} images, rule routing; lossy = the average over {'/'.join(map(str, LOSSY))} "
              f"px; differences are paired (bootstrap over test images, seeds averaged per image) against the shipped "
              f"configuration (scale-invariant MSE, weight 1, tau 0.01, all pairs: the benchmark's MSUN runs). "
-             "Validation: rule-routed accuracy over the lossy sizes on each run's held-out training images.", "",
+             "Validation: rule-routed accuracy over the lossy sizes on each run's held-out training images (2000 per "
+             "seed), mean (each seed's).", "",
              f"| variant | validation, lossy | test, lossy | minus shipped | test, {reference} px | minus shipped |",
              "|---|---|---|---|---|---|"]
     for name, group in runs.items():
-        val = np.mean([_validation_lossy(r) for r in group])
-        cells = [name, f"{100 * val:.1f}"]
+        cells = [name, _seeds_cell([_validation_lossy(r) for r in group])]
         for k in range(2):
             acc = accuracy_ci(tables[name][k])
             cells.append(f"{100 * acc.estimate:.1f} [{100 * acc.low:.1f}, {100 * acc.high:.1f}]")
