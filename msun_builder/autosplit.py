@@ -174,6 +174,13 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
         shallow = ", ".join(c["module"] for c in candidates if not c["deep_enough"])
         why += (f" among the taps deep enough for the {smallest}px subnet to reach the unified size"
                 f" ({shallow} would upsample its features {max_upsample:g}x or more)")
+    bands = [c["ci95"] for c in pool]
+    if robust and len(pool) > 1 and all(bands) and all(b[0] <= best["ci95"][1] and best["ci95"][0] <= b[1]
+                                                       for b in bands):
+        cheapest = best["dup_fraction"] <= min(c["dup_fraction"] for c in pool)
+        why += ("; the candidates' CKA values agree within their 95% intervals, so "
+                + ("the duplicated parameters decided" if cheapest else
+                   "the choice rests on CKA differences smaller than their uncertainty"))
     if best["note"]:
         why += f" ({best['note']})"
     reason = f"split after {best['module']} (stride {best['reduction']}): {why}; {measured}; {cost}"

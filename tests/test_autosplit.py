@@ -74,6 +74,18 @@ def test_the_reach_rule_is_off_by_default_and_passes_over_shallow_taps_when_aske
     assert far.module == "blocks.0" and "deep enough" not in far.reason
 
 
+def test_the_reason_says_when_the_cost_decided_because_cka_does_not_separate_the_taps():
+    # every layer has a +-0.02 interval: 0.98 / 0.98 / 0.99 overlap, so the cheapest robust tap wins on cost
+    tied = auto_split(_report(LITE0_TAPS, [0.98, 0.98, 0.99, 0.5], LITE0_PARAMS, 3_383_818))
+    assert tied.module == "blocks.0" and "agree within their 95% intervals, so the duplicated parameters" in tied.reason
+    # overlapping again, but a CKA difference inside the intervals outweighs the small cost: the reason says so
+    noise = auto_split(_report(LITE0_TAPS, [0.96, 0.98, 0.99, 0.5], LITE0_PARAMS, 3_383_818))
+    assert noise.module == "blocks.1" and "rests on CKA differences smaller than their uncertainty" in noise.reason
+    # a tap whose CKA is clearly higher wins on robustness, and the reason does not blame the cost
+    clear = auto_split(_report(LITE0_TAPS, [0.85, 0.99, 0.6, 0.5], LITE0_PARAMS, 3_383_818))
+    assert clear.module == "blocks.1" and "agree within" not in clear.reason
+
+
 def test_mobilenetv2_curve_cuts_at_stride_16():
     report = _report([("blocks.1", 4), ("blocks.2", 8), ("blocks.4", 16), ("blocks.5", 16), ("blocks.6", 32)],
                      [0.511, 0.634, 0.874, 0.892, 0.407], [5_000, 20_000, 300_000, 900_000, 2_200_000], 3_504_872)
