@@ -14,13 +14,12 @@ The rule (documented in the README, tested on synthetic reports):
    the per-scale subnets hand the unified network features it already treats alike across scales, and every
    sensitive layer before it (the stem) is duplicated.
 3. **Cost** d(k) = (num_subnets - 1) x params before the cut / all params: the parameters a cut at k duplicates.
-4. **Reach** (off by default): the smallest scale's subnet de-strides its shallow part to approach the unified
-   size U; with ``max_upsample`` = m a tap counts as deep enough when reference / smallest < m x stride. It was
-   added (m = 2) after a single-seed test result of a retired benchmark; ``bench/split_study.py`` then trained an
-   MSUN at every cuttable tap (resnet10t from scratch, 8/16/32 px, 3 seeds) and the stride-2 tap it excluded scored
-   best on validation (rule-routed lossy-size accuracy 84.3% against 83.6% at stride 4; on test +0.7 [+0.5, +0.9]
-   points), so the default is ``inf`` (bench/RESULTS.md, "The split study").
-5. **Choice**: among the candidates deep enough (all of them when the reach rule is off or no tap is), those with
+4. **Reach**: the smallest scale's subnet de-strides its shallow part to approach the unified size U; a tap is
+   deep enough when reference / smallest < ``max_upsample`` x stride (default 2), i.e. that subnet's features need
+   less than a 2x upsampling to U. ``bench/split_study.py`` trained an MSUN at every cuttable tap: without this rule
+   the stride-2 cut wins on the lossy-size average in one regime (resnet10t from scratch, +0.7 points) but loses
+   4.2 points at 8 px there and 8.7 at 8 px (0.8 on the average) with Lite0 fine-tuned (bench/RESULTS.md).
+5. **Choice**: among the candidates deep enough (all of them when ``max_upsample`` is ``inf`` or no tap is), those with
    v(k) >= ``threshold`` (default 0.8); of these the one with the highest score v(k) - ``param_weight`` x d(k)
    (ties: the earlier); if none reaches the threshold, the highest score among them all.
 
@@ -83,7 +82,7 @@ def _tap_index(names: Sequence[str], tap: str) -> int | None:
 
 def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.8, max_reduction: int = 16,
                min_reduction: int = 2, param_weight: float = 0.5, num_subnets: int = 3, scale: int | None = None,
-               cuttable: Sequence[str | Tap] | None = None, max_upsample: float = math.inf) -> SplitChoice:
+               cuttable: Sequence[str | Tap] | None = None, max_upsample: float = 2.0) -> SplitChoice:
     """Pick the split tap from measured per-layer CKA (see the module docstring for the rule).
 
     Args:
@@ -97,9 +96,8 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
         cuttable: Taps the model can actually be cut at, as module names or :class:`~msun_builder.split.Tap` entries
             (``msun_builder.splittable_taps(model, nearest=True)``, whose boundaries stand for taps a cut cannot
             reach); all taps when None.
-        max_upsample: With a finite value, a tap is deep enough when reference / smallest scale < max_upsample x its
-            stride, and shallower taps are passed over (the reach rule; ``inf``, the default, turns it off: the
-            split study found it excluded the best tap on validation).
+        max_upsample: A tap is deep enough when reference / smallest scale < max_upsample x its stride; shallower
+            taps are passed over (the reach rule; ``float("inf")`` turns it off).
 
     Returns:
         The choice, its one-sentence reason, and the scored candidates (each with its CKA's 95% interval,
