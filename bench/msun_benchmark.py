@@ -91,7 +91,8 @@ def _train(out: Path, model: str, weights: str, flags: list[str], extra: list[st
     """
     if (out / "model").is_dir() and any((out / "model").iterdir()):
         record = json.loads((out / "run.json").read_text())
-        if record.get("method") != "msun" or record.get("validation") is not None:
+        unrouted = record.get("method") == "msun" and record.get("validation") is None
+        if not (unrouted and (out / "checkpoint.pt").is_file()):  # a finished model is never trained again
             print(f"{out}: finished earlier, skipped", flush=True)
             return
     if (out / "checkpoint.pt").is_file():

@@ -15,8 +15,10 @@ held-out training images; the rule-routed accuracy averaged over the lossy sizes
 from ``msun-eval`` (all 10 000 test images, intervals: paired bootstrap over test images, seeds averaged per image).
 The verdict: Spearman's rank correlation across taps between ``auto_split``'s score and the measured lossy-size
 test accuracy (interval: the same bootstrap over test images; with 4-5 taps it describes, it cannot generalise),
-and for each rule (auto_split's pick, always stride 4, the shallowest tap the smallest scale can reach, the best tap
-on validation) the test accuracy of its tap and its paired difference to the best tap.
+and for each rule (auto_split's pick, the same without its reach rule, always stride 4, the shallowest tap the
+smallest scale can reach, the cheapest tap, the best tap on validation) the test accuracy of its tap and its paired
+difference to the best tap. ``--variants`` restricts the ablation to some variants (scores already computed are
+reused when more are added).
 
 Finished runs are skipped and killed ones resumed; rerun the same command after an interruption.
 
@@ -208,7 +210,7 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
              "format).", "",
              "| tap (stride) | CKA | score | CKA trained | validation, lossy | test, lossy | test, smallest size "
              "| test, all sizes | params (M) | GFLOPs per branch 8/16/32 |", "|---" * 10 + "|"]
-    smallest_size = min(int(s) for s in SCALES.split(","))
+    smallest, reference = min(int(s) for s in SCALES.split(",")), max(int(s) for s in SCALES.split(","))
     scores, measured, after = [], [], []
     for module, stride in taps:
         per_seed = [_validation_lossy(r) for r in runs[stride]]
@@ -228,14 +230,13 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
         post = trained.get(stride, [])
         after.append(float(np.mean([c for c, _ in post])) if post else float("nan"))
         low, high = avg["ci95"]
-        at_small = accuracy_ci(_lossy_table(root / regime / "eval-sweep", names[stride], (smallest_size,)))
+        at_small = accuracy_ci(_lossy_table(root / regime / "eval-sweep", names[stride], (smallest,)))
         small = f"{100 * at_small.estimate:.1f} [{100 * at_small.low:.1f}, {100 * at_small.high:.1f}]"
         lines.append(f"| {module} ({stride}) | {cka} | {score:.3f} | {_cka_cell(post)} | {_seeds_cell(per_seed)} | "
                      f"{100 * test.estimate:.1f} [{100 * test.low:.1f}, {100 * test.high:.1f}] | {small} | "
                      f"{100 * avg['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {params:.2f} | {gflops} |")
     best_val = max(measured, key=lambda m: m[1])[0]
     best_test = max(measured, key=lambda m: m[2].estimate)[0]
-    smallest, reference = min(int(s) for s in SCALES.split(",")), max(int(s) for s in SCALES.split(","))
     reach = min((s for _, s in taps if reference / smallest < 2 * s), default=None)
     now = _auto_split_unreached(model, bench / regime, seeds)
     rules = {"auto_split as shipped (reach rule on; mode over seeds)":
