@@ -40,7 +40,8 @@ from scale_common.errors import ToolkitError
 from scale_common.files import atomic_write_bytes, atomic_write_json
 from scale_common.seeds import rng_state, seed_everything, set_rng_state
 
-__all__ = ["build_model", "fit_validation_routing", "resume", "routing_sizes", "train"]
+__all__ = ["VALIDATION_CORRECT", "build_model", "fit_validation_routing", "resume", "routing_sizes", "train",
+           "validation_correctness"]
 
 
 def build_model(cfg: TrainConfig, num_classes: int, *, base: Any = None, resumed: bool = False) -> Built:
@@ -317,6 +318,11 @@ def routing_sizes(scales: tuple[int, ...] | list[int], sizes: tuple[int, ...] | 
     return sorted(set(range(step, reference + 1, step)) | {int(v) for v in scales})
 
 
+#: Per-image validation correctness beside ``run.json`` (``numpy.savez``): ``correct`` (branches, sizes, images) 0/1,
+#: ``branches``, ``sizes`` and ``indices`` (the validation images' indices in the training split, sorted).
+VALIDATION_CORRECT = "validation_correct.npz"
+
+
 @torch.no_grad()
 def fit_validation_routing(out: str | Path, *, device: torch.device | str = "cpu", batch_size: int = 128,
                            progress: bool = True) -> dict[str, Any] | None:
@@ -326,7 +332,11 @@ def fit_validation_routing(out: str | Path, *, device: torch.device | str = "cpu
     :func:`routing_sizes` and re-enlarged (the paper's protocol), and every branch classifies it. The table that
     sends each size to its most accurate branch (:func:`msun_builder._routing.fit_routing`) is written to the run
     record's ``validation`` field beside the accuracies and the default rule; ``msun-eval`` reports the test
-    accuracy of both tables. Runs of models without branches, or without a validation split, are left as they are.
+    accuracy of both tables. The per-image correctness goes to ``validation_correct.npz`` (:data:`VALIDATION_CORRECT`,
+    read by :func:`validation_correctness`), so that two runs of one seed can be compared on validation with a
+    paired interval. ``run.json`` is rewritten only when its ``validation`` record changes (refitting an older run
+    to add the per-image file leaves it as it was). Runs of models without branches, or without a validation split,
+    are left as they are.
 
     Args:
         out: A finished run folder (``model/`` saved).
@@ -337,8 +347,11 @@ def fit_validation_routing(out: str | Path, *, device: torch.device | str = "cpu
     Returns:
         The ``validation`` dict written, or None when there is nothing to fit.
     """
+    import numpy as np
+
     from msun_builder._routing import default_routing, fit_routing
     from msun_builder.methods import get_method
+    from scale_common.files import atomic_path
     from scale_common.resize import down_up
 
     out = Path(out)
@@ -356,20 +369,57 @@ def fit_validation_routing(out: str | Path, *, device: torch.device | str = "cpu
     _, holdout = data_split(train_set.labels, holdout=record.holdout_images, train=cfg.train_images, seed=cfg.seed)
     sizes = routing_sizes(cfg.scales, cfg.routing_sizes)
     scales = list(model.scales)
-    correct = {(b, s): 0 for b in scales for s in sizes}
+    correct = torch.zeros(len(scales), len(sizes), len(holdout), dtype=torch.uint8)
     loader = DataLoader(Subset(train_set, holdout), batch_size=batch_size, num_workers=cfg.num_workers)
+    start = 0
     for images, labels in tqdm(loader, desc="validation routing", unit="batch", leave=False, disable=not progress):
         images, labels = images.to(device), labels.to(device)
-        for size in sizes:
+        stop = start + len(labels)
+        for j, size in enumerate(sizes):
             shrunk = images if size == record.reference else down_up(images, size)
-            for branch in scales:
+            for i, branch in enumerate(scales):
                 logits = model.forward_branch(shrunk, branch)[0]
-                correct[(branch, size)] += int((logits.argmax(-1) == labels).sum())
-    accuracy = {key: value / len(holdout) for key, value in correct.items()}
+                correct[i, j, start:stop] = (logits.argmax(-1) == labels).cpu()
+        start = stop
+    totals = correct.sum(dim=-1).tolist()
+    accuracy = {(b, s): totals[i][j] / len(holdout) for i, b in enumerate(scales) for j, s in enumerate(sizes)}
     rule = default_routing(scales)
     fitted = fit_routing(accuracy, sizes, scales, rule=rule)
     validation = {"images": len(holdout), "sizes": sizes,
                   "accuracy": {str(b): {str(s): accuracy[(b, s)] for s in sizes} for b in scales},
                   "rule": [list(pair) for pair in rule], "routing": [list(pair) for pair in fitted]}
-    dataclasses.replace(record, validation=validation).save(out)
+    with atomic_path(out / VALIDATION_CORRECT) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, correct=correct.numpy(), branches=np.array(scales), sizes=np.array(sizes),
+                            indices=np.array(holdout))
+    if record.validation != validation:
+        dataclasses.replace(record, validation=validation).save(out)
     return validation
+
+
+def validation_correctness(out: str | Path) -> dict[str, Any]:
+    """The per-image validation correctness :func:`fit_validation_routing` stored in a run folder.
+
+    Args:
+        out: A run folder.
+
+    Returns:
+        ``{"correct": uint8 array (branches, sizes, images), "branches": [...], "sizes": [...], "indices": [...]}``.
+
+    Raises:
+        ToolkitError: The file is missing (a run trained before it was stored, or with no validation split) or
+            unreadable; the message names the fix.
+    """
+    import numpy as np
+
+    path = Path(out) / VALIDATION_CORRECT
+    try:
+        with np.load(path) as saved:
+            return {"correct": saved["correct"], "branches": saved["branches"].tolist(),
+                    "sizes": saved["sizes"].tolist(), "indices": saved["indices"].tolist()}
+    except FileNotFoundError:
+        raise ToolkitError(f"{path} is missing: refit the validation scores with "
+                           "msun_builder.train.fit_validation_routing(run_folder) (a run with a validation split "
+                           "and branches)") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise ToolkitError(f"{path} is unreadable ({err}): delete it and refit with "
+                           "msun_builder.train.fit_validation_routing(run_folder)") from None

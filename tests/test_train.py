@@ -15,7 +15,15 @@ from cka_scale import ToolkitError
 from msun_builder.config import TrainConfig
 from msun_builder.methods import get_method
 from msun_builder.runs import RunRecord, data_split, default_holdout, test_subset
-from msun_builder.train import build_model, fit_validation_routing, resume, routing_sizes, train
+from msun_builder.train import (
+    VALIDATION_CORRECT,
+    build_model,
+    fit_validation_routing,
+    resume,
+    routing_sizes,
+    train,
+    validation_correctness,
+)
 
 
 def fit(cfg, out):
@@ -134,14 +142,29 @@ def test_msun_run_stores_the_routing_fitted_on_validation_and_resume_fills_it_in
     for size in val["sizes"]:  # the fitted table sends each size to a branch at least as accurate as the other
         branch = next((scale for bound, scale in val["routing"] if size <= bound), val["routing"][-1][1])
         assert val["accuracy"][str(branch)][str(size)] == max(val["accuracy"][b][str(size)] for b in ("16", "32"))
+    saved = validation_correctness(tmp_path)  # per image, for paired intervals on validation
+    assert saved["correct"].shape == (2, 4, 20) and saved["branches"] == [16, 32] and saved["sizes"] == [8, 16, 24, 32]
+    assert len(saved["indices"]) == 20 and saved["indices"] == sorted(saved["indices"])
+    for i, branch in enumerate(saved["branches"]):
+        for j, size in enumerate(saved["sizes"]):
+            assert saved["correct"][i, j].mean() == pytest.approx(val["accuracy"][str(branch)][str(size)])
     import dataclasses
 
+    os.utime(tmp_path / "run.json", (0, 0))
+    (tmp_path / VALIDATION_CORRECT).unlink()  # a run trained before the file was stored: refitting adds it
+    assert fit_validation_routing(tmp_path, progress=False) == val
+    assert (tmp_path / "run.json").stat().st_mtime == 0 and (tmp_path / VALIDATION_CORRECT).is_file()
     dataclasses.replace(record, validation=None).save(tmp_path)  # as if killed after the last epoch
     resume(tmp_path, progress=False)
     assert RunRecord.load(tmp_path).validation == val
     vanilla = tmp_path / "vanilla"
     fit(TrainConfig(method="vanilla", epochs=1, **TINY), vanilla)
     assert RunRecord.load(vanilla).validation is None and fit_validation_routing(vanilla) is None
+    with pytest.raises(ToolkitError, match="fit_validation_routing"):
+        validation_correctness(vanilla)
+    (tmp_path / VALIDATION_CORRECT).write_bytes(b"not an npz")
+    with pytest.raises(ToolkitError, match="unreadable"):
+        validation_correctness(tmp_path)
 
 
 @pytest.mark.parametrize("field,value,match", [
