@@ -11,7 +11,9 @@ For each regime of ``bench/msun_benchmark.py`` (same data, scales 8/16/32, budge
   cosine and linear-CKA forms.
 
 Decisions read validation numbers only: each run's ``validation`` record (every branch at every size on its
-held-out training images; the rule-routed accuracy averaged over the lossy sizes 8..24 px). The test tables come
+held-out training images; the rule-routed accuracy averaged over the lossy sizes 8..24 px), and differences between
+configurations on validation with a paired interval (per-image validation correctness, ``validation_correct.npz``;
+runs trained before it was stored are refitted, same pass, ``run.json`` untouched). The test tables come
 from ``msun-eval`` (all 10 000 test images, intervals: paired bootstrap over test images, seeds averaged per image).
 The verdict: Spearman's rank correlation across taps between ``auto_split``'s score and the measured lossy-size
 test accuracy (interval: the same bootstrap over test images; with 4-5 taps it describes, it cannot generalise),
@@ -131,6 +133,40 @@ def _validation_lossy(run: Path) -> float:
     return float(np.mean([val["accuracy"][str(route(val["rule"], size))][str(size)] for size in LOSSY]))
 
 
+def _validation_table(run: Path, at: tuple[int, ...] = LOSSY) -> tuple[np.ndarray, list[int]]:
+    """Per-image rule-routed validation correctness averaged over the sizes ``at``, and the images' indices.
+
+    Read from the run's ``validation_correct.npz``; a run trained before that file was stored is refitted first
+    (the same validation pass; its ``run.json`` is left as it was).
+    """
+    from msun_builder._routing import route
+    from msun_builder.train import VALIDATION_CORRECT, fit_validation_routing, validation_correctness
+
+    if not (run / VALIDATION_CORRECT).is_file():
+        fit_validation_routing(run, progress=False)
+    saved = validation_correctness(run)
+    rule = _record(run)["validation"]["rule"]
+    rows = [saved["correct"][saved["branches"].index(route(rule, size)), saved["sizes"].index(size)] for size in at]
+    return np.mean(rows, axis=0), saved["indices"]
+
+
+def _validation_difference(runs: list[Path], against: list[Path], resample_seeds: bool = False) -> str:
+    """Paired difference on validation (``runs`` minus ``against``, seed by seed on the same images), as a cell.
+
+    The seeds' validation splits differ, but a seed's is the same for every configuration trained with it; the
+    bootstrap resamples image positions jointly across seeds (:func:`msun_builder.stats.difference_ci`), and with
+    ``resample_seeds`` the seeds too, so that training noise widens the interval.
+    """
+    from msun_builder.stats import difference_ci
+
+    mine, theirs = [_validation_table(r) for r in runs], [_validation_table(r) for r in against]
+    if [idx for _, idx in mine] != [idx for _, idx in theirs]:
+        return "n/a (different validation images)"
+    diff = difference_ci(np.stack([t for t, _ in mine]), np.stack([t for t, _ in theirs]),
+                         resample_seeds=resample_seeds)
+    return f"{100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
+
+
 def _evaluate(runs: list[Path], out: Path, images: int | None) -> dict:
     done = out / "eval.json"
     fresh = done.is_file() and done.stat().st_mtime > max((r / "run.json").stat().st_mtime for r in runs)
@@ -245,15 +281,16 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
              if now else None,
              "always stride 4": 4 if 4 in runs else None, "shallowest tap the smallest scale reaches": reach,
              "shallowest cuttable tap (the cheapest)": min(runs), "best on validation": best_val}
-    lines += ["", f"| rule | tap (stride) | test, lossy | minus the best test tap (stride {best_test}) |",
-              "|---|---|---|---|"]
+    lines += ["", f"| rule | tap (stride) | validation, lossy, minus the best validation tap (stride {best_val}) "
+              f"| test, lossy | minus the best test tap (stride {best_test}) |", "|---|---|---|---|---|"]
     for rule, stride in rules.items():
         if stride is None or stride not in tables:
-            lines.append(f"| {rule} | n/a | | |")
+            lines.append(f"| {rule} | n/a | | | |")
             continue
         test = accuracy_ci(tables[stride])
         diff = difference_ci(tables[stride], tables[best_test])
-        lines.append(f"| {rule} | {stride} | {100 * test.estimate:.1f} [{100 * test.low:.1f}, {100 * test.high:.1f}]"
+        lines.append(f"| {rule} | {stride} | {_validation_difference(runs[stride], runs[best_val])} "
+                     f"| {100 * test.estimate:.1f} [{100 * test.low:.1f}, {100 * test.high:.1f}]"
                      f" | {100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}] |")
     before = [np.mean([c["cka"] for c in evidence[s]]) if evidence.get(s) else np.nan for _, s in taps]
     measures = {"auto_split score": scores, "CKA as --auto-split measures it": before, "CKA after training": after}
@@ -330,11 +367,16 @@ def _ablation(regime: str, root: Path, bench: Path, seeds: list[int], images: in
              f"px; differences are paired (bootstrap over test images, seeds averaged per image) against the shipped "
              f"configuration (scale-invariant MSE, weight 1, tau 0.01, all pairs: the benchmark's MSUN runs). "
              "Validation: rule-routed accuracy over the lossy sizes on each run's held-out training images (2000 per "
-             "seed), mean (each seed's).", "",
-             f"| variant | validation, lossy | test, lossy | minus shipped | test, {reference} px | minus shipped |",
-             "|---|---|---|---|---|---|"]
+             "seed), mean (each seed's); its difference is paired the same way (a seed's validation images are the "
+             "same for every variant), and it is what a decision reads; 'seeds resampled too' also draws the seeds "
+             "(two-way bootstrap), so training noise counts: a default changes only when that interval excludes 0.",
+             "",
+             f"| variant | validation, lossy | minus shipped | the same, seeds resampled too | test, lossy "
+             f"| minus shipped | test, {reference} px | minus shipped |", "|---" * 8 + "|"]
     for name, group in runs.items():
         cells = [name, _seeds_cell([_validation_lossy(r) for r in group])]
+        cells += ["", ""] if name == "shipped" else [_validation_difference(group, runs["shipped"]),
+                                                     _validation_difference(group, runs["shipped"], True)]
         for k in range(2):
             acc = accuracy_ci(tables[name][k])
             cells.append(f"{100 * acc.estimate:.1f} [{100 * acc.low:.1f}, {100 * acc.high:.1f}]")
