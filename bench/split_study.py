@@ -262,11 +262,11 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
         cka = _cka_cell([(c["cka"], c.get("ci95")) for c in cands])
         score = float(np.mean([c["score"] for c in cands])) if cands else float("nan")
         scores.append(score)
-        measured.append((stride, val, test))
         post = trained.get(stride, [])
         after.append(float(np.mean([c for c, _ in post])) if post else float("nan"))
         low, high = avg["ci95"]
         at_small = accuracy_ci(_lossy_table(root / regime / "eval-sweep", names[stride], (smallest,)))
+        measured.append((stride, val, test, at_small))
         small = f"{100 * at_small.estimate:.1f} [{100 * at_small.low:.1f}, {100 * at_small.high:.1f}]"
         lines.append(f"| {module} ({stride}) | {cka} | {score:.3f} | {_cka_cell(post)} | {_seeds_cell(per_seed)} | "
                      f"{100 * test.estimate:.1f} [{100 * test.low:.1f}, {100 * test.high:.1f}] | {small} | "
@@ -301,13 +301,13 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
             rho, low, high = _spearman_ci(np.array(values)[finite], [tables[taps[i][1]] for i in finite])
             lines.append(f"- Spearman's rho, {what} vs test lossy accuracy ({len(finite)} taps): {rho:+.2f} "
                          f"[{low:+.2f}, {high:+.2f}] (bootstrap over test images; describes these taps only).")
-    _figure(root / regime, taps, before, after, measured, [runs[s][0] for _, s in taps], regime)
+    _figure(root / regime, taps, before, after, measured, [runs[s][0] for _, s in taps], regime, smallest)
     return "\n".join(lines) + "\n"
 
 
 def _figure(folder: Path, taps: list, before: list[float], after: list[float], measured: list,
-            first_runs: list[Path], regime: str) -> None:
-    """CKA above, lossy-size accuracy and GFLOPs below, on one split-depth axis."""
+            first_runs: list[Path], regime: str, smallest: int) -> None:
+    """CKA above; lossy-size and smallest-size accuracy and GFLOPs below, on one split-depth axis."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 6), layout="constrained")
@@ -321,6 +321,9 @@ def _figure(folder: Path, taps: list, before: list[float], after: list[float], m
     bottom.errorbar(x, acc[:, 0], yerr=[acc[:, 0] - acc[:, 1], acc[:, 2] - acc[:, 0]], fmt="o-", color="C1",
                     label="test accuracy, lossy sizes (95% interval)")
     bottom.plot(x, [100 * m[1] for m in measured], "D:", color="C4", mfc="none", label="validation, lossy sizes")
+    small = np.array([[100 * m[3].estimate, 100 * m[3].low, 100 * m[3].high] for m in measured])
+    bottom.errorbar(x, small[:, 0], yerr=[small[:, 0] - small[:, 1], small[:, 2] - small[:, 0]], fmt="v-",
+                    color="C5", label=f"test accuracy, {smallest} px (95% interval)")
     twin = bottom.twinx()
     gflops = [(_record(r)["build"] or {}).get("branches", [{}])[0].get("flops", np.nan) / 1e9 for r in first_runs]
     twin.plot(x, gflops, "s--", color="C2", label="GFLOPs, smallest branch")
@@ -329,7 +332,7 @@ def _figure(folder: Path, taps: list, before: list[float], after: list[float], m
     top.set_xticks(x, [""] * len(x))
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    bottom.legend(loc="upper center", fontsize=8)
+    bottom.legend(loc="lower center", bbox_to_anchor=(0.42, 0.0), fontsize=8)
     twin.legend(loc="lower right", fontsize=8)
     fig.savefig(folder / "split_study.png", dpi=120)
 
