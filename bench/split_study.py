@@ -32,6 +32,7 @@ Finished runs are skipped and killed ones resumed; rerun the same command after 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -133,11 +134,12 @@ def _validation_lossy(run: Path) -> float:
     return float(np.mean([val["accuracy"][str(route(val["rule"], size))][str(size)] for size in LOSSY]))
 
 
+@functools.cache
 def _validation_table(run: Path, at: tuple[int, ...] = LOSSY) -> tuple[np.ndarray, list[int]]:
     """Per-image rule-routed validation correctness averaged over the sizes ``at``, and the images' indices.
 
     Read from the run's ``validation_correct.npz``; a run trained before that file was stored is refitted first
-    (the same validation pass; its ``run.json`` is left as it was).
+    (the same validation pass; its ``run.json`` is left as it was). Cached: every table cell of a run reads it once.
     """
     from msun_builder._routing import route
     from msun_builder.train import VALIDATION_CORRECT, fit_validation_routing, validation_correctness
