@@ -37,10 +37,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cka_scale.report import Report, load_report
+from msun_builder.config import DEFAULT_SPLIT_RULE, SPLIT_RULES
 from msun_builder.split import Tap
 from scale_common.errors import ToolkitError
 
-__all__ = ["SplitChoice", "auto_split"]
+__all__ = ["RULES", "SplitChoice", "auto_split"]
+
+RULES = SPLIT_RULES  # the split rules auto_split knows (rule=); step 5 of the module docstring is "cost"
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ def _tap_index(names: Sequence[str], tap: str) -> int | None:
 
 def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.8, max_reduction: int = 16,
                min_reduction: int = 2, param_weight: float = 0.5, num_subnets: int = 3, scale: int | None = None,
-               cuttable: Sequence[str | Tap] | None = None, max_upsample: float = 2.0) -> SplitChoice:
+               cuttable: Sequence[str | Tap] | None = None, max_upsample: float = 2.0,
+               rule: str = DEFAULT_SPLIT_RULE) -> SplitChoice:
     """Pick the split tap from measured per-layer CKA (see the module docstring for the rule).
 
     Args:
@@ -98,6 +102,9 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
             reach); all taps when None.
         max_upsample: A tap is deep enough when reference / smallest scale < max_upsample x its stride; shallower
             taps are passed over (the reach rule; ``float("inf")`` turns it off).
+        rule: ``"cost"``: the most scale-robust candidate for its cost (step 5 of the module docstring);
+            ``"deep"``: the deepest candidate deep enough to reach, whatever its CKA (threshold and cost unused;
+            CKA is still measured and reported).
 
     Returns:
         The choice, its one-sentence reason, and the scored candidates (each with its CKA's 95% interval,
@@ -106,6 +113,8 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
     Raises:
         ToolkitError: No readable report, or it has no feature_info taps with CKA values in the allowed range.
     """
+    if rule not in RULES:
+        raise ToolkitError(f"unknown split rule {rule!r}: choose one of {', '.join(RULES)}")
     report = _as_report(report)
     scales = [int(s) for s in report.scales]
     reference = int(report.reference)
@@ -156,25 +165,32 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
         raise ToolkitError(f"the report has no feature_info tap with a CKA value at stride {min_reduction}.."
                            f"{max_reduction}: analyse with --layers stages (or a selection including the taps)")
     deep = [c for c in candidates if c["deep_enough"]]
-    robust = [c for c in deep or candidates if c["robust"]]
+    robust = [] if rule == "deep" else [c for c in deep or candidates if c["robust"]]
     pool = robust or deep or candidates
-    best = max(pool, key=lambda c: (c["score"], -c["index"]))
+    if rule == "deep":
+        best = max(pool, key=lambda c: c["index"])
+    else:
+        best = max(pool, key=lambda c: (c["score"], -c["index"]))
     values = ", ".join(f"{c['module']} {c['cka']:.2f}" for c in candidates)
     measured = f"CKA between {scale}px and {reference}px at the candidate taps: {values}"
     n = best["dup_params"]
     amount = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
     cost = f"duplicating {amount} parameters ({100 * best['dup_fraction']:.1f}% of the model)"
-    if robust:
+    if rule == "deep":
+        why = (f"the deepest candidate up to stride {max_reduction} (rule 'deep': CKA is reported, not used; in "
+               "bench/RESULTS.md's split study duplicating more of the network did as well as or better than the "
+               "most scale-robust cut; --split-rule cost picks that cheaper cut)")
+    elif robust:
         why = f"the most scale-robust tap for its cost (threshold {threshold:.2f})"
     else:
         why = f"no tap up to stride {max_reduction} reaches CKA {threshold:.2f}, and this one scores best"
-    if deep and len(deep) < len(candidates):
+    if rule == "cost" and deep and len(deep) < len(candidates):
         shallow = ", ".join(c["module"] for c in candidates if not c["deep_enough"])
         why += (f" among the taps deep enough for the {smallest}px subnet to reach the unified size"
                 f" ({shallow} would upsample its features {max_upsample:g}x or more)")
     bands = [c["ci95"] for c in pool]
-    if robust and len(pool) > 1 and all(bands) and all(b[0] <= best["ci95"][1] and best["ci95"][0] <= b[1]
-                                                       for b in bands):
+    if rule == "cost" and robust and len(pool) > 1 and all(bands) and all(
+            b[0] <= best["ci95"][1] and best["ci95"][0] <= b[1] for b in bands):
         cheapest = best["dup_fraction"] <= min(c["dup_fraction"] for c in pool)
         why += ("; the candidates' CKA values agree within their 95% intervals, so "
                 + ("the duplicated parameters decided" if cheapest else

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from msun_builder.config import EvalConfig, TrainConfig, parse_sizes
+from msun_builder.config import DEFAULT_SPLIT_RULE, SPLIT_RULES, EvalConfig, TrainConfig, parse_sizes
 from scale_common.cli import add_common, config_from_args, defaults_formatter, parse_scales
 from scale_common.errors import ToolkitError, run_cli
 
@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the taps the surgery can cut)")
     g.add_argument("--split-threshold", type=float, default=None,
                    help="auto-split: CKA a tap must reach (default: auto_split's, 0.8)")
+    g.add_argument("--split-rule", choices=SPLIT_RULES, default=None,
+                   help="auto-split: 'cost' picks the most scale-robust tap for its duplicated parameters (the "
+                        "cheap cut); 'deep' the deepest candidate tap up to stride 16, whatever its CKA (more "
+                        "per-scale capacity; bench/RESULTS.md, 'The split study', compares them) (default: "
+                        f"auto_split's, {DEFAULT_SPLIT_RULE!r})")
     g.add_argument("--preset", choices=("paper",), default=None,
                    help="paper: the MSUN authors' own design for resnet50, densenet121, vgg16_bn or mobilenetv2_100 "
                         "(their split point and replaced small/mid stems) instead of --auto-split/--split-reduction")
@@ -125,10 +130,12 @@ def _choose_split(args: argparse.Namespace, cfg: TrainConfig, loaded: Any, out: 
               f"{list(acfg.scales)}, the taps a cut can use)")
         report = analyze(acfg, model=loaded.model, data_config=loaded.data_config, progress=not args.quiet)
         report.save(out / "analysis")
-    options = {} if args.split_threshold is None else {"threshold": args.split_threshold}
+    options: dict[str, Any] = {} if args.split_threshold is None else {"threshold": args.split_threshold}
+    if args.split_rule is not None:
+        options["rule"] = args.split_rule
     choice = auto_split(report, num_subnets=len(cfg.scales), cuttable=cuttable, **options)
     return {"module": choice.module, "reduction": choice.reduction, "cka": choice.cka, "reason": choice.reason,
-            "auto": True, "candidates": choice.candidates}
+            "auto": True, "rule": options.get("rule", DEFAULT_SPLIT_RULE), "candidates": choice.candidates}
 
 
 def _build(args: argparse.Namespace) -> int:

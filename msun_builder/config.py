@@ -12,6 +12,10 @@ from typing import Any
 
 from scale_common.errors import ToolkitError
 
+#: The rules ``msun_builder.autosplit.auto_split`` can choose a split by, and the default one (``--split-rule``).
+SPLIT_RULES = ("cost", "deep")
+DEFAULT_SPLIT_RULE = "cost"
+
 __all__ = ["SI_KINDS", "SI_PAIRS", "EvalConfig", "TrainConfig", "parse_sizes"]
 
 SI_KINDS = ("mse", "cosine", "cka")

@@ -1,12 +1,14 @@
 """auto_split follows its documented rule on synthetic reports built from the MSUN authors' published CKA curves."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 from cka_scale import Report, ToolkitError
 from msun_builder.autosplit import auto_split
+from msun_builder.config import DEFAULT_SPLIT_RULE
 
 
 def _report(taps, values, cum_params, total, scales=(32, 224), names=None, more=None):
@@ -114,6 +116,31 @@ def test_cost_decides_between_robust_taps():
     assert auto_split(costly_deep, param_weight=0.0).module == "b"
 
 
+# the split study's finetune regime (Lite0 at 8/16/32 px): CKA per candidate tap and parameters before each tap
+STUDY_TAPS = [("blocks.0", 2), ("blocks.1", 4), ("blocks.2", 8), ("blocks.4", 16), ("blocks.6", 32)]
+STUDY_PARAMS = [1_000, 6_000, 60_000, 700_000, 2_500_000]
+
+
+def test_the_deep_rule_takes_the_deepest_candidate_whatever_its_cka():
+    report = _report(STUDY_TAPS, [0.95, 0.93, 0.95, 0.84, 0.5], STUDY_PARAMS, 3_400_000, scales=(8, 16, 32))
+    cost = auto_split(report, rule="cost")
+    deep = auto_split(report, rule="deep")
+    assert cost.module == "blocks.2" and deep.module == "blocks.4"  # the study's shipped pick and its best tap
+    assert "rule 'deep'" in deep.reason and "CKA is reported, not used" in deep.reason
+    assert "blocks.4 0.84" in deep.reason and "duplicating 1.40M parameters" in deep.reason
+    # below the threshold it is still taken (the threshold belongs to the cost rule), never the last tap
+    low = _report(STUDY_TAPS, [0.95, 0.93, 0.95, 0.6, 0.99], STUDY_PARAMS, 3_400_000, scales=(8, 16, 32))
+    assert auto_split(low, rule="deep").module == "blocks.4"
+    assert auto_split(low, rule="deep", max_reduction=8).module == "blocks.2"
+    # the same candidates whatever the rule: only the pick differs
+    assert [c["module"] for c in cost.candidates] == [c["module"] for c in deep.candidates]
+
+
+def test_an_unknown_rule_is_refused_with_the_choices():
+    with pytest.raises(ToolkitError, match="unknown split rule 'deepest': choose one of cost, deep"):
+        auto_split(RESNET50, rule="deepest")
+
+
 def test_bounds_cuttable_scale_and_blocks_level_reports(tmp_path):
     assert auto_split(RESNET50, max_reduction=2).module == "act1"
     assert auto_split(RESNET50, cuttable=["layer2", "layer3"]).module == "layer2"
@@ -190,3 +217,26 @@ def test_a_tap_the_cut_cannot_reach_is_replaced_by_its_boundary_and_the_reason_s
     with pytest.raises(ToolkitError, match=r"is one the model can be cut at \(cuttable: blocks.12\).*"
                                            "require_splittable"):
         auto_split(report, cuttable=[Tap("blocks.12", 32, 2048)])
+
+
+def test_msun_build_split_rule_records_the_rule_and_its_pick(tmp_path, capsys):
+    from cka_scale.cli import main as cka_main
+    from msun_builder.cli import build_main
+
+    assert cka_main(["analyze", "test_resnet", "--weights", "none", "--scales", "16,32", "--data",
+                     "fashion-mnist-subset", "--images", "16", "--batch-size", "8", "--device", "cpu", "--quiet",
+                     "--no-plots", "--out", str(tmp_path / "r")]) == 0
+    picks = {}
+    for rule in ("cost", "deep", None):
+        out = tmp_path / str(rule)
+        flags = [] if rule is None else ["--split-rule", rule]
+        assert build_main(["test_resnet", "--weights", "none", "--scales", "16,32", "--auto-split", "--report",
+                           str(tmp_path / "r"), *flags, "--out", str(out), "--quiet"]) == 0
+        split = json.loads((out / "build.json").read_text())["split"]
+        picks[rule] = (split["module"], split["rule"])
+    deepest = auto_split(tmp_path / "r", rule="deep").module
+    assert picks["deep"] == (deepest, "deep") and picks["cost"][1] == "cost"
+    assert picks[None] == (picks[DEFAULT_SPLIT_RULE][0], DEFAULT_SPLIT_RULE)
+    assert build_main(["test_resnet", "--weights", "none", "--scales", "16,32", "--auto-split", "--split-rule",
+                       "deepest", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "invalid choice: 'deepest'" in capsys.readouterr().err
