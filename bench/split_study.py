@@ -6,6 +6,9 @@ For each regime of ``bench/msun_benchmark.py`` (same data, scales 8/16/32, budge
   tap ``--auto-split`` chose, the benchmark's finished MSUN run of that seed is reused: the same configuration);
 - **evidence**: the CKA report ``--auto-split`` measured on the training images (stored in each benchmark MSUN run's
   ``run.json``: every candidate tap's CKA with its 95% interval, duplicated parameters, score, and the pick);
+- **recheck** (``--part recheck``): on a regime held out from tuning the rule (``HELDOUT``: Lite1 fine-tuned from
+  its ImageNet weights, the finetune budget), ``--auto-split`` with rule cost against rule deep's pick from the same
+  CKA report, per seed, paired on validation (decides) and test (reported);
 - **ablation** (``--part ablation``): at the split ``--auto-split`` ships for the regime, the scale-invariant loss off
   and at weights 0.1/0.3/3 (1 is the benchmark's MSUN, reused), truncation tau 0, the reference branch detached, the
   cosine and linear-CKA forms.
@@ -26,6 +29,7 @@ Finished runs are skipped and killed ones resumed; rerun the same command after 
 
     .venv/bin/python bench/split_study.py --regimes scratch            # the sweep, after the benchmark's MSUNs
     .venv/bin/python bench/split_study.py --regimes scratch --part ablation
+    .venv/bin/python bench/split_study.py --part recheck                # the rules on Lite1 (held out)
     .venv/bin/python bench/split_study.py --quick                      # minutes: tiny budgets, checks the pipeline
 """
 
@@ -282,7 +286,8 @@ def _study(regime: str, root: Path, bench: Path, seeds: list[int], images: int |
              "auto_split without the reach rule (same reports; mode over seeds)": max(set(now), key=now.count)
              if now else None,
              "always stride 4": 4 if 4 in runs else None, "shallowest tap the smallest scale reaches": reach,
-             "shallowest cuttable tap (the cheapest)": min(runs), "best on validation": best_val}
+             "shallowest cuttable tap (the cheapest)": min(runs),
+             "auto_split --split-rule deep (the deepest candidate)": max(runs), "best on validation": best_val}
     lines += ["", f"| rule | tap (stride) | validation, lossy, minus the best validation tap (stride {best_val}) "
               f"| test, lossy | minus the best test tap (stride {best_test}) |", "|---|---|---|---|---|"]
     for rule, stride in rules.items():
@@ -394,12 +399,95 @@ def _ablation(regime: str, root: Path, bench: Path, seeds: list[int], images: in
     return "\n".join(lines) + "\n"
 
 
+#: Regimes held out from tuning the split rule: used only to re-check it (``--part recheck``).
+HELDOUT: dict[str, tuple[str, str, list[str]]] = {
+    "finetune-lite1": ("tf_efficientnet_lite1", "auto", REGIMES["finetune"][2]),
+}
+
+
+def _deep_pick(model: str, analysis: Path) -> tuple[str, int]:
+    """The tap ``auto_split(rule="deep")`` picks from an ``--auto-split`` run's own CKA report."""
+    import timm
+
+    from msun_builder import auto_split
+    from msun_builder.split import splittable_taps
+
+    cuttable = splittable_taps(timm.create_model(model, pretrained=False, num_classes=10), nearest=True)
+    choice = auto_split(analysis, cuttable=cuttable, rule="deep", num_subnets=len(SCALES.split(",")))
+    return choice.module, choice.reduction
+
+
+def _recheck(regime: str, root: Path, seeds: list[int], images: int | None, quick: bool,
+             train_only: bool = False) -> str:
+    """Both split rules on a regime held out from tuning them: ``--auto-split`` (rule cost) against rule deep.
+
+    Per seed, ``msun-build --auto-split --split-rule cost`` measures CKA on training images and cuts where the cost
+    rule says; rule deep's pick is read from that same report, and trained with ``--split-module`` (the same run
+    when both rules agree). The decision reads the paired validation difference, seeds resampled too.
+    """
+    from msun_builder.stats import accuracy_ci, difference_ci
+
+    model, weights, flags = HELDOUT[regime]
+    flags = QUICK if quick else flags
+    runs: dict[str, list[Path]] = {"cost": [], "deep": []}
+    picks: dict[str, list[tuple[str, int]]] = {"cost": [], "deep": []}
+    for seed in seeds:
+        auto = root / regime / f"auto-s{seed}"
+        _train(auto, model, weights, flags, ["--method", "msun", "--auto-split", "--split-rule", "cost"], seed)
+        module, stride = _deep_pick(model, auto / "analysis")
+        split = _record(auto)["split"]
+        deep = auto if split["module"] == module else root / regime / f"r{stride}-s{seed}"
+        if deep != auto:
+            _train(deep, model, weights, flags, ["--method", "msun", "--split-module", module], seed)
+        for rule, run, tap in (("cost", auto, (split["module"], int(split["reduction"]))),
+                               ("deep", deep, (module, stride))):
+            runs[rule].append(run)
+            picks[rule].append(tap)
+    if train_only:
+        return ""
+    folder = root / regime / "eval-recheck"
+    every = list(dict.fromkeys(r for group in runs.values() for r in group))
+    evaluation = _evaluate(every, folder, images)
+    smallest, reference = min(int(s) for s in SCALES.split(",")), max(int(s) for s in SCALES.split(","))
+    spans = {"lossy": LOSSY, f"{smallest} px": (smallest,), f"{reference} px": (reference,)}
+    tables = {(rule, span): _lossy_table(folder, [r.name for r in group], at)
+              for rule, group in runs.items() for span, at in spans.items()}
+    lines = [f"### {regime}: the split rules re-checked ({model}, scales {SCALES}, seeds {seeds})", "",
+             f"Held out: no rule was tuned on this model. Validation: rule-routed accuracy over the lossy sizes "
+             f"{'/'.join(map(str, LOSSY))} px on each run's held-out training images (2000 per seed), mean (each "
+             f"seed's), and rule deep minus rule cost paired on the same images (image-only; seeds resampled too). "
+             f"Test: {evaluation['images']} images, paired bootstrap over images, seeds averaged per image.", "",
+             "| rule | tap per seed (stride) | CKA at the tap per seed | params (M, mean over seeds) "
+             "| validation, lossy "
+             "| " + " | ".join(f"test, {span}" for span in spans) + " |", "|---" * (5 + len(spans)) + "|"]
+    for rule, group in runs.items():
+        cka = [next(f"{c['cka']:.2f}" for c in _record(auto)["split"]["candidates"] if c["module"] == module)
+               for (module, _), auto in zip(picks[rule], runs["cost"], strict=True)]
+        params = np.mean([(_record(r)["build"] or {}).get("params_msun", 0) for r in group]) / 1e6
+        cells = [rule, ", ".join(f"{m} ({s})" for m, s in picks[rule]), ", ".join(cka), f"{params:.2f}",
+                 _seeds_cell([_validation_lossy(r) for r in group])]
+        for span in spans:
+            acc = accuracy_ci(tables[(rule, span)])
+            cells.append(f"{100 * acc.estimate:.1f} [{100 * acc.low:.1f}, {100 * acc.high:.1f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = ["deep minus cost", "", "", "", f"{_validation_difference(runs['deep'], runs['cost'])}; seeds "
+             f"resampled too {_validation_difference(runs['deep'], runs['cost'], True)}"]
+    for span in spans:
+        diff = difference_ci(tables[("deep", span)], tables[("cost", span)])
+        cells.append(f"{100 * diff.estimate:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]")
+    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     """Run the sweep (or the ablation) for every regime and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--regimes", default="scratch,finetune", help="comma list of " + ", ".join(REGIMES))
+    parser.add_argument("--regimes", default=None,
+                        help="comma list of " + ", ".join(REGIMES) + " (default: both), or with --part recheck of "
+                        + ", ".join(HELDOUT) + " (default: all)")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds")
-    parser.add_argument("--part", choices=("sweep", "ablation"), default="sweep")
+    parser.add_argument("--part", choices=("sweep", "ablation", "recheck"), default="sweep",
+                        help="recheck: both split rules on a held-out regime (" + ", ".join(HELDOUT) + ")")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, 500 test images (pipeline check)")
     parser.add_argument("--train-only", action="store_true",
                         help="train the runs and stop (one process per seed can train in parallel; evaluate after)")
@@ -417,11 +505,14 @@ def main() -> None:
     unknown = sorted(set(variants or []) - set(ABLATIONS))
     if unknown:
         parser.error(f"unknown variants {unknown}: choose from {', '.join(ABLATIONS)}")
-    for regime in args.regimes.split(","):
-        if regime not in REGIMES:
-            parser.error(f"unknown regime {regime!r}: choose from {', '.join(REGIMES)}")
+    known = HELDOUT if args.part == "recheck" else REGIMES
+    for regime in (args.regimes or ",".join(known)).split(","):
+        if regime not in known:
+            parser.error(f"unknown regime {regime!r} for --part {args.part}: choose from {', '.join(known)}")
         if args.part == "sweep":
             text = _study(regime, root, bench, seeds, images, args.quick, args.train_only)
+        elif args.part == "recheck":
+            text = _recheck(regime, root, seeds, images, args.quick, args.train_only)
         else:
             text = _ablation(regime, root, bench, seeds, images, args.quick, args.train_only, variants)
         if args.train_only:
