@@ -10,13 +10,15 @@ budget (training images, epochs, batch, optimizer, schedule) for every method of
 
 Methods per regime and seed: ``vanilla`` (trained at 32 px), ``vanilla-eq`` (vanilla with 3x the epochs: as many
 forward passes as the three-branch MSUN, i.e. equal training compute), ``mst`` (multi-scale training at 8/16/32),
-``msun`` (``--auto-split``: the split is chosen from a CKA analysis of training images). Seeds 0, 1, 2. Every run
-holds out a seeded, class-stratified validation split of its training images (``msun-build``'s default); the MSUN's
-fitted routing, MSDNet's thresholds and the split are decided on training/validation data only. Then one ``msun-eval
---native`` scores every run of a regime on the test set: each model fed the small image as is and enlarged to the
-reference (the enlarged input is exactly the paper protocol's shrunk-and-re-enlarged image, so this one evaluation
-holds both tables), with 95% intervals (paired bootstrap over test images, seeds averaged per image). MSDNet runs
-are evaluated beside the MSUN runs in the paper protocol (``eval-msdnet``: its anytime and budgeted-batch tables).
+``msun`` (``--auto-split --split-rule cost``: the split is chosen from a CKA analysis of training images by the rule
+that was the default when this benchmark ran; ``bench/split_study.py`` compares it with rule deep). Seeds 0, 1, 2.
+Every run holds out a seeded, class-stratified validation split of its training images (``msun-build``'s default);
+the MSUN's fitted routing, MSDNet's thresholds and the split are decided on training/validation data only. Then one
+``msun-eval --native`` scores every run of a regime on the test set: each model fed the small image as is and
+enlarged to the reference (the enlarged input is exactly the paper protocol's shrunk-and-re-enlarged image, so this
+one evaluation holds both tables), with 95% intervals (paired bootstrap over test images, seeds averaged per image).
+MSDNet runs are evaluated beside the MSUN runs in the paper protocol (``eval-msdnet``: its anytime and
+budgeted-batch tables).
 
 Finished runs are skipped, killed runs resumed, evaluations newer than every run they read skipped: rerun the same
 command after an interruption. ``--phase train`` trains only (the evaluation can follow later).
@@ -70,7 +72,7 @@ def _methods(regime: str, flags: list[str]) -> dict[str, list[str]]:
     methods = {"vanilla": ["--method", "vanilla"],
                "vanilla-eq": ["--method", "vanilla", "--epochs", str(3 * epochs)],
                "mst": ["--method", "mst"],
-               "msun": ["--method", "msun", "--auto-split"]}
+               "msun": ["--method", "msun", "--auto-split", "--split-rule", "cost"]}
     if regime == "scratch":
         methods["msdnet"] = ["--method", "msdnet", "--msdnet-preset", "small"]
     return methods

@@ -126,7 +126,7 @@ def _auto_split_unreached(model: str, bench: Path, seeds: list[int]) -> list[int
 
     cuttable = splittable_taps(timm.create_model(model, pretrained=False, num_classes=10), nearest=True)
     reports = [bench / f"msun-s{seed}" / "analysis" for seed in seeds]
-    return [auto_split(r, cuttable=cuttable, max_upsample=float("inf")).reduction for r in reports
+    return [auto_split(r, cuttable=cuttable, max_upsample=float("inf"), rule="cost").reduction for r in reports
             if (r / "report.json").is_file()]
 
 

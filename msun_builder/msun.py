@@ -80,7 +80,7 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
                 split_reduction: int | None = None, split_module: str | None = None,
                 report: Report | str | os.PathLike[str] | None = None,
                 weights: str = "none", num_classes: int | None = None, routing: Sequence[tuple[int, int]] | None = None,
-                verify: bool = True) -> MSUN:
+                verify: bool = True, split_rule: str | None = None) -> MSUN:
     """Build an MSUN from a timm CNN, shaped like ``timm.create_model``.
 
     Args:
@@ -100,6 +100,7 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
         num_classes: Classifier size for a model name (None keeps the model's); for a module it must match.
         routing: Custom ``(max_size_inclusive, scale)`` pairs (default: the smallest scale at least the input size).
         verify: Check on one random image that the MSUN reproduces the model at the reference scale.
+        split_rule: With ``report``: ``auto_split``'s rule, ``"cost"`` or ``"deep"`` (None: its default).
 
     Returns:
         The MSUN, in the base model's train/eval mode.
@@ -138,7 +139,8 @@ def create_msun(model: str | nn.Module | LoadedModel, scales: Sequence[int] = (3
     if report is not None:
         from msun_builder.autosplit import auto_split
 
-        module = auto_split(report, num_subnets=len(scales), cuttable=cuttable).module
+        options = {} if split_rule is None else {"rule": split_rule}
+        module = auto_split(report, num_subnets=len(scales), cuttable=cuttable, **options).module
         tap = next(t for t in cuttable if t.module == module)
     elif split_module is not None:
         tap = next((t for t in cuttable if split_module in (t.module, t.stands_for)), None)

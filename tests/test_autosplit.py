@@ -32,13 +32,18 @@ def _report(taps, values, cum_params, total, scales=(32, 224), names=None, more=
                   np.full_like(runs, 0.01), [8])
 
 
+def cost_split(report, **kwargs):
+    """auto_split with the cost rule, which most of these tests check (whatever the default rule)."""
+    return auto_split(report, rule="cost", **kwargs)
+
+
 RESNET50 = _report([("act1", 2), ("layer1", 4), ("layer2", 8), ("layer3", 16), ("layer4", 32)],
                    [0.523, 0.858, 0.836, 0.767, 0.395], [9_536, 225_344, 1_444_928, 8_543_296, 23_508_032],
                    25_557_032)
 
 
 def test_resnet50_curve_gives_the_authors_split_after_layer1():
-    choice = auto_split(RESNET50)
+    choice = cost_split(RESNET50)
     assert (choice.module, choice.reduction) == ("layer1", 4)
     assert "act1 0.52, layer1 0.86, layer2 0.84, layer3 0.77" in choice.reason and "32px and 224px" in choice.reason
     assert choice.reason.count(".") >= 1 and "\n" not in choice.reason
@@ -51,7 +56,7 @@ LITE0_PARAMS = [1_824, 12_000, 50_000, 3_000_000]
 
 def test_a_small_duplicate_is_counted_in_thousands_not_as_zero_millions():
     report = _report(LITE0_TAPS, [0.99, 0.6, 0.6, 0.5], LITE0_PARAMS, 3_383_818, scales=(32, 64))
-    choice = auto_split(report)
+    choice = cost_split(report)
     assert choice.module == "blocks.0" and "duplicating 3.6k parameters (0.1% of the model)" in choice.reason
 
 
@@ -59,36 +64,36 @@ def test_a_tap_too_shallow_for_the_smallest_subnet_to_reach_the_unified_size_is_
     # 16 -> 64 px is a 4x ratio: cut at stride 2, the 16 px subnet ends at half the unified size. The split study
     # kept this rule: without it the stride-2 cut lost 4.2 (scratch) and 8.7 (Lite0) points at the smallest size
     report = _report(LITE0_TAPS, [0.99, 0.95, 0.9, 0.5], LITE0_PARAMS, 3_383_818, scales=(16, 32, 64))
-    choice = auto_split(report)
+    choice = cost_split(report)
     assert choice.module == "blocks.1" and choice.reduction == 4
     assert "deep enough for the 16px subnet" in choice.reason and "(blocks.0 would upsample" in choice.reason
     assert [c["deep_enough"] for c in choice.candidates] == [False, True, True]
-    assert auto_split(report, max_upsample=float("inf")).module == "blocks.0"
+    assert cost_split(report, max_upsample=float("inf")).module == "blocks.0"
     # too shallow and not robust loses to deep enough and robust even at a higher cost; if no tap is deep
     # enough (4 -> 224 px), the rule falls back to all candidates
-    assert auto_split(_report(LITE0_TAPS, [0.99, 0.6, 0.85, 0.5], LITE0_PARAMS, 3_383_818,
+    assert cost_split(_report(LITE0_TAPS, [0.99, 0.6, 0.85, 0.5], LITE0_PARAMS, 3_383_818,
                               scales=(16, 64))).module == "blocks.2"
-    far = auto_split(_report(LITE0_TAPS, [0.99, 0.6, 0.6, 0.5], LITE0_PARAMS, 3_383_818, scales=(4, 224)))
+    far = cost_split(_report(LITE0_TAPS, [0.99, 0.6, 0.6, 0.5], LITE0_PARAMS, 3_383_818, scales=(4, 224)))
     assert far.module == "blocks.0" and "deep enough" not in far.reason
 
 
 def test_the_reason_says_when_the_cost_decided_because_cka_does_not_separate_the_taps():
     # every layer has a +-0.02 interval: 0.98 / 0.98 / 0.99 overlap, so the cheapest robust tap wins on cost
     # (scales 16/32: every tap is deep enough)
-    tied = auto_split(_report(LITE0_TAPS, [0.98, 0.98, 0.99, 0.5], LITE0_PARAMS, 3_383_818, scales=(16, 32)))
+    tied = cost_split(_report(LITE0_TAPS, [0.98, 0.98, 0.99, 0.5], LITE0_PARAMS, 3_383_818, scales=(16, 32)))
     assert tied.module == "blocks.0" and "agree within their 95% intervals, so the duplicated parameters" in tied.reason
     # overlapping again, but a CKA difference inside the intervals outweighs the small cost: the reason says so
-    noise = auto_split(_report(LITE0_TAPS, [0.96, 0.98, 0.99, 0.5], LITE0_PARAMS, 3_383_818, scales=(16, 32)))
+    noise = cost_split(_report(LITE0_TAPS, [0.96, 0.98, 0.99, 0.5], LITE0_PARAMS, 3_383_818, scales=(16, 32)))
     assert noise.module == "blocks.1" and "rests on CKA differences smaller than their uncertainty" in noise.reason
     # a tap whose CKA is clearly higher wins on robustness, and the reason does not blame the cost
-    clear = auto_split(_report(LITE0_TAPS, [0.85, 0.99, 0.6, 0.5], LITE0_PARAMS, 3_383_818, scales=(16, 32)))
+    clear = cost_split(_report(LITE0_TAPS, [0.85, 0.99, 0.6, 0.5], LITE0_PARAMS, 3_383_818, scales=(16, 32)))
     assert clear.module == "blocks.1" and "agree within" not in clear.reason
 
 
 def test_mobilenetv2_curve_cuts_at_stride_16():
     report = _report([("blocks.1", 4), ("blocks.2", 8), ("blocks.4", 16), ("blocks.5", 16), ("blocks.6", 32)],
                      [0.511, 0.634, 0.874, 0.892, 0.407], [5_000, 20_000, 300_000, 900_000, 2_200_000], 3_504_872)
-    choice = auto_split(report)
+    choice = cost_split(report)
     assert choice.reduction == 16 and choice.module == "blocks.4"  # same CKA class, fewer duplicated parameters
 
 
@@ -96,24 +101,24 @@ def test_vgg_curve_without_a_robust_tap_falls_back_to_the_best_score():
     report = _report([("features.6", 2), ("features.13", 4), ("features.20", 8), ("features.27", 16),
                       ("features.28", 32)], [0.683, 0.805, 0.771, 0.680, 0.670],
                      [40_000, 260_000, 1_700_000, 7_600_000, 14_700_000], 138_000_000)
-    assert auto_split(report).module == "features.13"
-    fallback = auto_split(report, threshold=0.9)
+    assert cost_split(report).module == "features.13"
+    fallback = cost_split(report, threshold=0.9)
     assert fallback.module == "features.13" and "no tap up to stride 16 reaches CKA 0.90" in fallback.reason
 
 
 def test_the_last_stage_is_never_chosen_even_when_robust():
     report = _report([("s1", 4), ("s2", 8), ("s3", 16), ("s4", 32)], [0.5, 0.6, 0.7, 0.99], [1, 2, 3, 4], 10)
-    choice = auto_split(report, max_reduction=32)
+    choice = cost_split(report, max_reduction=32)
     assert choice.module != "s4"
 
 
 def test_cost_decides_between_robust_taps():
     taps = [("a", 4), ("b", 8), ("c", 16), ("d", 32)]
     cheap_deep = _report(taps, [0.81, 0.97, 0.5, 0.4], [10, 20, 30, 100], 100)
-    assert auto_split(cheap_deep).module == "b"  # much more robust, nearly free
+    assert cost_split(cheap_deep).module == "b"  # much more robust, nearly free
     costly_deep = _report(taps, [0.81, 0.97, 0.5, 0.4], [10, 60, 70, 100], 100)
-    assert auto_split(costly_deep).module == "a"  # 0.97 - 0.5*1.2 < 0.81 - 0.5*0.2
-    assert auto_split(costly_deep, param_weight=0.0).module == "b"
+    assert cost_split(costly_deep).module == "a"  # 0.97 - 0.5*1.2 < 0.81 - 0.5*0.2
+    assert cost_split(costly_deep, param_weight=0.0).module == "b"
 
 
 # the split study's finetune regime (Lite0 at 8/16/32 px): CKA per candidate tap and parameters before each tap
@@ -142,22 +147,22 @@ def test_an_unknown_rule_is_refused_with_the_choices():
 
 
 def test_bounds_cuttable_scale_and_blocks_level_reports(tmp_path):
-    assert auto_split(RESNET50, max_reduction=2).module == "act1"
-    assert auto_split(RESNET50, cuttable=["layer2", "layer3"]).module == "layer2"
+    assert cost_split(RESNET50, max_reduction=2).module == "act1"
+    assert cost_split(RESNET50, cuttable=["layer2", "layer3"]).module == "layer2"
     blocks = dataclasses.replace(RESNET50, layers=[
         dict(row, name=row["name"] + ".2", tap=False) if row["name"].startswith("layer") else row
         for row in RESNET50.layers])
-    assert auto_split(blocks).module == "layer1"  # the last block of a stage stands for the stage
+    assert cost_split(blocks).module == "layer1"  # the last block of a stage stands for the stage
     RESNET50.save(tmp_path)
-    assert auto_split(tmp_path).module == "layer1"
-    assert auto_split(tmp_path / "report.json").module == "layer1"
+    assert cost_split(tmp_path).module == "layer1"
+    assert cost_split(tmp_path / "report.json").module == "layer1"
     three = _report([("a", 4), ("b", 8), ("c", 32)], [0.9, 0.2, 0.1], [1, 2, 3], 10, scales=(32, 64, 224),
                     more={64: [0.3, 0.95, 0.5]})
-    assert auto_split(three).module == "a" and auto_split(three, scale=64).module == "b"
+    assert cost_split(three).module == "a" and cost_split(three, scale=64).module == "b"
 
 
 def test_candidates_carry_the_interval_of_their_cka():
-    choice = auto_split(RESNET50)
+    choice = cost_split(RESNET50)
     first = choice.candidates[0]
     assert first["module"] == "act1" and first["ci95"] is not None
     low, high = first["ci95"]
@@ -166,25 +171,25 @@ def test_candidates_carry_the_interval_of_their_cka():
 
 def test_errors_name_the_fix(tmp_path):
     with pytest.raises(ToolkitError, match="--layers stages"):
-        auto_split(RESNET50, min_reduction=64, max_reduction=128)
+        cost_split(RESNET50, min_reduction=64, max_reduction=128)
     with pytest.raises(ToolkitError, match="cka-scale analyze"):
-        auto_split(tmp_path / "missing")
+        cost_split(tmp_path / "missing")
     with pytest.raises(ToolkitError, match="Report or the folder"):
-        auto_split({"layers": []})
+        cost_split({"layers": []})
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "report.json").write_text("{not json")
     (tmp_path / "bad" / "cka.npz").write_bytes(b"")
     with pytest.raises(ToolkitError, match=r"report\.json"):
-        auto_split(tmp_path / "bad")
+        cost_split(tmp_path / "bad")
     with pytest.raises(ToolkitError, match="not a non-reference scale"):
-        auto_split(RESNET50, scale=224)
+        cost_split(RESNET50, scale=224)
 
 
 def test_densenet121_curve_cuts_after_denseblock1():
     report = _report([("features.norm0", 2), ("features.denseblock1", 4), ("features.denseblock2", 8),
                       ("features.denseblock3", 16), ("features.norm5", 32)], [0.664, 0.903, 0.955, 0.871, 0.653],
                      [9_536, 344_000, 1_260_000, 5_600_000, 6_950_000], 7_978_856)
-    choice = auto_split(report)
+    choice = cost_split(report)
     assert choice.module == "features.denseblock1" and choice.candidates[2]["robust"]
 
 
@@ -197,8 +202,10 @@ def test_create_msun_takes_the_split_from_a_report_and_keeps_weight_provenance(t
                      scales=(16, 64))
     report.save(tmp_path)
     loaded = load_model("test_resnet", weights="none")
-    msun = create_msun(loaded, scales=(16, 32, 64), report=tmp_path)
+    msun = create_msun(loaded, scales=(16, 32, 64), report=tmp_path, split_rule="cost")
     assert msun.config["split"] == {"module": "layer2", "reduction": 8, "num_chs": 48}
+    deep = create_msun(loaded, scales=(16, 32, 64), report=tmp_path, split_rule="deep")
+    assert deep.config["split"]["module"] == "layer3"
     assert msun.config["weights"] == loaded.weights
     with pytest.raises(ToolkitError, match="exactly one"):
         create_msun(loaded, scales=(16, 64), report=report, split_reduction=8)
@@ -210,13 +217,13 @@ def test_a_tap_the_cut_cannot_reach_is_replaced_by_its_boundary_and_the_reason_s
     report = _report([("stem", 2), ("blocks.1.stack.act3", 4), ("blocks.2.stack.act3", 8), ("blocks.12", 32)],
                      [0.5, 0.9, 0.7, 0.3], [10, 100, 1000, 10_000], 20_000)
     cuttable = [Tap("blocks.0", 4, 128, stands_for="blocks.1.stack.act3"), Tap("blocks.12", 32, 2048)]
-    choice = auto_split(report, cuttable=cuttable)
+    choice = cost_split(report, cuttable=cuttable)
     assert (choice.module, choice.reduction) == ("blocks.0", 4)
     assert "nearest boundary a cut can reach for the tap blocks.1.stack.act3" in choice.reason
     assert "CKA measured at blocks.1.stack.act3" in choice.reason
     with pytest.raises(ToolkitError, match=r"is one the model can be cut at \(cuttable: blocks.12\).*"
                                            "require_splittable"):
-        auto_split(report, cuttable=[Tap("blocks.12", 32, 2048)])
+        cost_split(report, cuttable=[Tap("blocks.12", 32, 2048)])
 
 
 def test_msun_build_split_rule_records_the_rule_and_its_pick(tmp_path, capsys):
