@@ -55,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut after this feature_info tap, named by module (an unknown name is refused with the list of "
                         "the taps the surgery can cut)")
     g.add_argument("--split-threshold", type=float, default=None,
-                   help="auto-split: CKA a tap must reach (default: auto_split's, 0.8)")
+                   help="auto-split with --split-rule cost: CKA a tap must reach (default: auto_split's, 0.8)")
     g.add_argument("--split-rule", choices=SPLIT_RULES, default=None,
-                   help="auto-split: 'cost' picks the most scale-robust tap for its duplicated parameters (the "
-                        "cheap cut); 'deep' the deepest candidate tap up to stride 16, whatever its CKA (more "
-                        "per-scale capacity; bench/RESULTS.md, 'The split study', compares them) (default: "
-                        f"auto_split's, {DEFAULT_SPLIT_RULE!r})")
+                   help="auto-split: 'deep' takes the deepest candidate tap up to stride 16, whatever its CKA (more "
+                        "per-scale parameters, the same FLOPs per branch; it beat 'cost' by 1.4-2.1 points at the "
+                        "small sizes of two fine-tuned models and tied from scratch: bench/RESULTS.md, 'The split "
+                        "study'); 'cost' the most scale-robust tap for its duplicated parameters (the cheap cut) "
+                        f"(default: {DEFAULT_SPLIT_RULE})")
     g.add_argument("--preset", choices=("paper",), default=None,
                    help="paper: the MSUN authors' own design for resnet50, densenet121, vgg16_bn or mobilenetv2_100 "
                         "(their split point and replaced small/mid stems) instead of --auto-split/--split-reduction")
@@ -130,12 +131,13 @@ def _choose_split(args: argparse.Namespace, cfg: TrainConfig, loaded: Any, out: 
               f"{list(acfg.scales)}, the taps a cut can use)")
         report = analyze(acfg, model=loaded.model, data_config=loaded.data_config, progress=not args.quiet)
         report.save(out / "analysis")
-    options: dict[str, Any] = {} if args.split_threshold is None else {"threshold": args.split_threshold}
-    if args.split_rule is not None:
-        options["rule"] = args.split_rule
+    rule = args.split_rule or DEFAULT_SPLIT_RULE
+    options: dict[str, Any] = {"rule": rule}
+    if args.split_threshold is not None:
+        options["threshold"] = args.split_threshold
     choice = auto_split(report, num_subnets=len(cfg.scales), cuttable=cuttable, **options)
     return {"module": choice.module, "reduction": choice.reduction, "cka": choice.cka, "reason": choice.reason,
-            "auto": True, "rule": options.get("rule", DEFAULT_SPLIT_RULE), "candidates": choice.candidates}
+            "auto": True, "rule": rule, "candidates": choice.candidates}
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -164,6 +166,13 @@ def _build(args: argparse.Namespace) -> int:
     if method.needs_split and given + (cfg.preset is not None) != 1:
         raise ToolkitError("give exactly one of --auto-split, --split-reduction R, --split-module NAME and "
                            "--preset paper")
+    if (args.split_rule or args.split_threshold is not None) and not args.auto_split:
+        raise ToolkitError("--split-rule and --split-threshold choose how --auto-split picks the split: add "
+                           "--auto-split, or drop them")
+    if args.split_threshold is not None and (args.split_rule or DEFAULT_SPLIT_RULE) != "cost":
+        raise ToolkitError(f"--split-threshold is the cost rule's; rule {args.split_rule or DEFAULT_SPLIT_RULE!r} "
+                           "takes the deepest candidate whatever its CKA: add --split-rule cost, or drop "
+                           "--split-threshold")
     if cfg.preset is not None and not method.needs_split:
         raise ToolkitError(f"--preset paper builds an MSUN: drop it for --method {cfg.method}")
     out = Path(args.out or f"runs/{cfg.method}-{args.model or cfg.msdnet_preset}")

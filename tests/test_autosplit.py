@@ -130,6 +130,7 @@ def test_the_deep_rule_takes_the_deepest_candidate_whatever_its_cka():
     report = _report(STUDY_TAPS, [0.95, 0.93, 0.95, 0.84, 0.5], STUDY_PARAMS, 3_400_000, scales=(8, 16, 32))
     cost = auto_split(report, rule="cost")
     deep = auto_split(report, rule="deep")
+    assert auto_split(report).module == deep.module  # the default
     assert cost.module == "blocks.2" and deep.module == "blocks.4"  # the study's shipped pick and its best tap
     assert "rule 'deep'" in deep.reason and "CKA is reported, not used" in deep.reason
     assert "blocks.4 0.84" in deep.reason and "duplicating 1.40M parameters" in deep.reason
@@ -244,6 +245,15 @@ def test_msun_build_split_rule_records_the_rule_and_its_pick(tmp_path, capsys):
     deepest = auto_split(tmp_path / "r", rule="deep").module
     assert picks["deep"] == (deepest, "deep") and picks["cost"][1] == "cost"
     assert picks[None] == (picks[DEFAULT_SPLIT_RULE][0], DEFAULT_SPLIT_RULE)
+    assert picks[None] == picks["deep"]  # the default since the split study's re-check
     assert build_main(["test_resnet", "--weights", "none", "--scales", "16,32", "--auto-split", "--split-rule",
                        "deepest", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "invalid choice: 'deepest'" in capsys.readouterr().err
+    base = ["test_resnet", "--weights", "none", "--scales", "16,32", "--out", str(tmp_path / "x"), "--quiet"]
+    for flags, needle in ((["--auto-split", "--split-threshold", "0.9"], "--split-threshold is the cost rule's"),
+                          (["--split-module", "layer1", "--split-rule", "cost"], "add --auto-split, or drop them")):
+        assert build_main([*base, *flags]) == 2
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before any measuring or writing
+    assert build_main([*base, "--auto-split", "--report", str(tmp_path / "r"), "--split-rule", "cost",
+                       "--split-threshold", "0.99"]) == 0
