@@ -21,9 +21,10 @@ The rule (documented in the README, tested on synthetic reports):
 
    - ``"deep"`` (the default): the deepest candidate deep enough (any candidate when none is), whatever its CKA;
      v(k) and d(k) are measured and reported, not used. The split study's evidence: with Lite0 fine-tuned the
-     deepest cut beat the cost rule's by 1.4 [0.8, 2.0] points on validation's lossy sizes, from scratch it tied,
-     and on Lite1, held out from that choice, it won by 2.1 [1.2, 3.1] (seeds resampled), for 37-48% more
-     parameters at the same FLOPs per branch; CKA ranked the cuts backwards where its curve varied.
+     deepest cut beat the cost rule's by 1.9 [0.5, 3.2] points on validation's lossy sizes (3 seeds, seeds
+     resampled), from scratch it tied (+0.1 [-0.3, +0.6]), and on Lite1, held out from that choice, it won by 2.1
+     [1.2, 3.1], for 37-46% more parameters (the same FLOPs per branch at those scales, 8/16/32 px; at 32..224 px
+     Lite0's small branches cost about 10% more); CKA ranked the cuts backwards where its curve varied.
    - ``"cost"``: among the candidates deep enough (all of them when ``max_upsample`` is ``inf`` or no tap is), those
      with v(k) >= ``threshold`` (default 0.8); of these the one with the highest score v(k) - ``param_weight`` x
      d(k) (ties: the earlier); if none reaches the threshold, the highest score among them all. The cheap cut, in
@@ -184,9 +185,9 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
     cost = f"duplicating {amount} parameters ({100 * best['dup_fraction']:.1f}% of the model)"
     if rule == "deep":
         why = (f"the deepest candidate up to stride {max_reduction} (rule 'deep': CKA is reported, not used; in the "
-               "split study of bench/RESULTS.md the deepest cut beat the most scale-robust one by 1.4-2.1 points at "
-               "the small sizes of two fine-tuned models and tied from scratch; --split-rule cost picks the cut "
-               "that duplicates fewer parameters)")
+               "split study of bench/RESULTS.md the deepest cut beat the most scale-robust one by about 2 points "
+               "on the small-size average of two fine-tuned models and tied from scratch; --split-rule cost picks "
+               "the cut that duplicates fewer parameters)")
     elif robust:
         why = f"the most scale-robust tap for its cost (threshold {threshold:.2f})"
     else:

@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto-split with --split-rule cost: CKA a tap must reach (default: auto_split's, 0.8)")
     g.add_argument("--split-rule", choices=SPLIT_RULES, default=None,
                    help="auto-split: 'deep' takes the deepest candidate tap up to stride 16, whatever its CKA (more "
-                        "per-scale parameters, the same FLOPs per branch; it beat 'cost' by 1.4-2.1 points at the "
-                        "small sizes of two fine-tuned models and tied from scratch: bench/RESULTS.md, 'The split "
-                        "study'); 'cost' the most scale-robust tap for its duplicated parameters (the cheap cut) "
-                        f"(default: {DEFAULT_SPLIT_RULE})")
+                        "per-scale parameters, and at wide scale ranges more FLOPs in the small branches; it beat "
+                        "'cost' by about 2 points on the small-size average of two fine-tuned models and tied from "
+                        "scratch: bench/RESULTS.md, 'The split study'); 'cost' the most scale-robust tap for its "
+                        f"duplicated parameters (the cheap cut) (default: {DEFAULT_SPLIT_RULE})")
     g.add_argument("--preset", choices=("paper",), default=None,
                    help="paper: the MSUN authors' own design for resnet50, densenet121, vgg16_bn or mobilenetv2_100 "
                         "(their split point and replaced small/mid stems) instead of --auto-split/--split-reduction")
