@@ -50,7 +50,7 @@ from scale_common.errors import ToolkitError
 
 __all__ = ["RULES", "SplitChoice", "auto_split"]
 
-RULES = SPLIT_RULES  # the split rules auto_split knows (rule=); step 5 of the module docstring is "cost"
+RULES = SPLIT_RULES  # the split rules auto_split knows (rule=), described in step 5 of the module docstring
 
 
 @dataclass(frozen=True)
