@@ -117,17 +117,23 @@ def _seeds_cell(values: list[float]) -> str:
     return f"{100 * np.mean(values):.1f} ({', '.join(f'{100 * v:.1f}' for v in values)})"
 
 
-def _auto_split_unreached(model: str, bench: Path, seeds: list[int]) -> list[int]:
-    """The stride ``auto_split`` without its reach rule picks from each seed's benchmark analysis (--auto-split's)."""
+@functools.cache
+def _cuttable(model: str) -> tuple:
+    """The cuttable taps of ``model`` as ``--auto-split`` passes them to ``auto_split`` (boundaries standing in)."""
     import timm
 
-    from msun_builder import auto_split
     from msun_builder.split import splittable_taps
 
-    cuttable = splittable_taps(timm.create_model(model, pretrained=False, num_classes=10), nearest=True)
+    return tuple(splittable_taps(timm.create_model(model, pretrained=False, num_classes=10), nearest=True))
+
+
+def _auto_split_unreached(model: str, bench: Path, seeds: list[int]) -> list[int]:
+    """The stride ``auto_split`` without its reach rule picks from each seed's benchmark analysis (--auto-split's)."""
+    from msun_builder import auto_split
+
     reports = [bench / f"msun-s{seed}" / "analysis" for seed in seeds]
-    return [auto_split(r, cuttable=cuttable, max_upsample=float("inf"), rule="cost").reduction for r in reports
-            if (r / "report.json").is_file()]
+    return [auto_split(r, cuttable=_cuttable(model), max_upsample=float("inf"), rule="cost").reduction
+            for r in reports if (r / "report.json").is_file()]
 
 
 def _validation_lossy(run: Path) -> float:
@@ -414,13 +420,9 @@ HELDOUT: dict[str, tuple[str, str, list[str]]] = {
 
 def _deep_pick(model: str, analysis: Path) -> tuple[str, int]:
     """The tap ``auto_split(rule="deep")`` picks from an ``--auto-split`` run's own CKA report."""
-    import timm
-
     from msun_builder import auto_split
-    from msun_builder.split import splittable_taps
 
-    cuttable = splittable_taps(timm.create_model(model, pretrained=False, num_classes=10), nearest=True)
-    choice = auto_split(analysis, cuttable=cuttable, rule="deep", num_subnets=len(SCALES.split(",")))
+    choice = auto_split(analysis, cuttable=_cuttable(model), rule="deep", num_subnets=len(SCALES.split(",")))
     return choice.module, choice.reduction
 
 

@@ -48,9 +48,7 @@ from msun_builder.config import DEFAULT_SPLIT_RULE, SPLIT_RULES
 from msun_builder.split import Tap
 from scale_common.errors import ToolkitError
 
-__all__ = ["RULES", "SplitChoice", "auto_split"]
-
-RULES = SPLIT_RULES  # the split rules auto_split knows (rule=), described in step 5 of the module docstring
+__all__ = ["SplitChoice", "auto_split"]
 
 
 @dataclass(frozen=True)
@@ -120,8 +118,8 @@ def auto_split(report: Report | str | os.PathLike[str], *, threshold: float = 0.
     Raises:
         ToolkitError: No readable report, or it has no feature_info taps with CKA values in the allowed range.
     """
-    if rule not in RULES:
-        raise ToolkitError(f"unknown split rule {rule!r}: choose one of {', '.join(RULES)}")
+    if rule not in SPLIT_RULES:
+        raise ToolkitError(f"unknown split rule {rule!r}: choose one of {', '.join(SPLIT_RULES)}")
     report = _as_report(report)
     scales = [int(s) for s in report.scales]
     reference = int(report.reference)
